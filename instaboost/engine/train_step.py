@@ -1,0 +1,59 @@
+"""One training-step factory for every detector (mindyolo's pattern, without per-task branches).
+
+The detector-specific part is the injected `forward_fn(*batch) -> dict[str, Tensor]` of scalar loss
+terms; the step sums them, differentiates, unscales, checks finiteness, optionally clips and updates.
+"""
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, amp, ops
+
+LOSS_SCALERS = ("static", "dynamic", "none")
+DYNAMIC_SCALE_FACTOR = 2  # MindSpore requires an int
+DYNAMIC_SCALE_WINDOW = 1000
+
+
+def build_loss_scaler(kind: str, scale: float) -> amp.LossScaler:
+    """mindspore.amp scaler for `schedule.loss_scale_type`; 'none' is a unit static scale."""
+    if kind == "static":
+        return amp.StaticLossScaler(scale)
+    if kind == "dynamic":
+        return amp.DynamicLossScaler(scale, DYNAMIC_SCALE_FACTOR, DYNAMIC_SCALE_WINDOW)
+    if kind == "none":
+        return amp.StaticLossScaler(1.0)
+    raise ValueError(f"schedule.loss_scale_type: unknown loss scaler {kind!r}, expected one of {LOSS_SCALERS}")
+
+
+def make_train_step(forward_fn: Callable[..., Dict[str, Tensor]], optimizer, *, loss_names: Sequence[str],
+                    scaler: amp.LossScaler, clip_norm: Optional[float] = None, jit: bool = False
+                    ) -> Callable[..., Tuple[Tensor, Tuple[Tensor, ...], Tensor]]:
+    """Return `step(*batch) -> (total_loss, loss_terms, grads_finite)`.
+
+    loss_terms follow `loss_names`. A step whose gradients are not finite (an fp16 overflow under a
+    large loss scale, or a diverging run) skips the optimizer update and lets a dynamic scaler shrink.
+    """
+    names = tuple(loss_names)
+
+    def scaled_loss(*batch):
+        losses = forward_fn(*batch)
+        terms = tuple(losses[name] for name in names)
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return scaler.scale(total), terms
+
+    grad_fn = ms.value_and_grad(scaled_loss, None, optimizer.parameters, has_aux=True)
+
+    def step(*batch):
+        (loss, terms), grads = grad_fn(*batch)
+        loss = scaler.unscale(loss)
+        grads = scaler.unscale(grads)
+        finite = amp.all_finite(grads)
+        if clip_norm:
+            grads = ops.clip_by_global_norm(grads, clip_norm)
+        if finite:
+            loss = ops.depend(loss, optimizer(grads))
+        scaler.adjust(finite)
+        return loss, terms, finite
+
+    return ms.jit(step) if jit else step

@@ -1,0 +1,130 @@
+"""COCO evaluation: detections in resized-image pixels -> COCO results JSON -> COCOeval bbox and segm.
+
+Shape shorthand: B images per batch, D detections per image (fixed, with a valid mask), M = 28 mask
+resolution of the mask head.
+"""
+import contextlib
+import io
+import logging
+from typing import Dict, List, Sequence, Tuple
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+log = logging.getLogger(__name__)
+
+# The order of COCOeval.stats, under the metric names logged to the tracker.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm")
+AREA_ALL = 0        # index of area range "all" in COCOeval.params.areaRng
+MAX_DETS_LAST = -1  # COCOeval's last maxDets entry (100)
+
+
+def paste_mask(mask_probs: np.ndarray, box: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
+    """Paste an (M, M) probability map predicted inside `box` (xyxy, original pixels) into an image mask.
+
+    Returns uint8 (height, width). The map is resized to the box's integer extent with bilinear
+    interpolation, then thresholded, so the mask follows the box rather than the 28x28 grid.
+    """
+    x1, y1, x2, y2 = box
+    x0, y0 = int(np.floor(x1)), int(np.floor(y1))
+    w = max(int(np.ceil(x2)) - x0, 1)
+    h = max(int(np.ceil(y2)) - y0, 1)
+    resized = cv2.resize(mask_probs.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= threshold
+    out = np.zeros((height, width), dtype=np.uint8)
+    ix0, iy0 = max(x0, 0), max(y0, 0)
+    ix1, iy1 = min(x0 + w, width), min(y0 + h, height)
+    if ix1 > ix0 and iy1 > iy0:
+        out[iy0:iy1, ix0:ix1] = resized[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+    return out
+
+
+def detections_to_coco(det_boxes: np.ndarray, det_scores: np.ndarray, det_labels: np.ndarray,
+                       det_valid: np.ndarray, det_masks: np.ndarray, img_meta: np.ndarray,
+                       label_to_category: Dict[int, int], mask_threshold: float) -> List[dict]:
+    """Convert one batch of fixed-size detector outputs into COCO result dicts.
+
+    det_boxes (B, D, 4) xyxy resized pixels, det_scores (B, D), det_labels (B, D) int 1..K,
+    det_valid (B, D) bool, det_masks (B, D, M, M) probabilities, img_meta (B, 5)
+    [image_id, orig_h, orig_w, resized_h, resized_w]. Boxes are mapped back to original pixels.
+    """
+    results = []
+    for b in range(det_boxes.shape[0]):
+        image_id, orig_h, orig_w, resized_h, resized_w = img_meta[b].tolist()
+        height, width = int(round(orig_h)), int(round(orig_w))
+        scale = np.array([resized_w / orig_w, resized_h / orig_h] * 2, dtype=np.float32)
+        for d in np.flatnonzero(det_valid[b]):
+            box = det_boxes[b, d] / scale
+            box = np.clip(box, 0, [width, height, width, height])
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            mask = paste_mask(det_masks[b, d], box, height, width, mask_threshold)
+            rle = mask_utils.encode(np.asfortranarray(mask))
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({
+                "image_id": int(round(image_id)),
+                "category_id": int(label_to_category[int(det_labels[b, d])]),
+                "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+                "score": float(det_scores[b, d]),
+                "segmentation": rle,
+            })
+    return results
+
+
+def _per_category_ap(evaluator: COCOeval, category_names: Dict[int, str]) -> List[Tuple[int, str, float]]:
+    """AP averaged over IoU thresholds and recall for each category (area all, 100 detections); -1 = no GT."""
+    precision = evaluator.eval["precision"]  # (T IoUs, R recalls, K categories, A areas, M maxDets)
+    rows = []
+    for k, category_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, AREA_ALL, MAX_DETS_LAST]
+        values = values[values > -1]
+        ap = float(values.mean()) if values.size else -1.0
+        rows.append((category_id, category_names.get(category_id, str(category_id)), ap))
+    return rows
+
+
+def evaluate_coco(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[int]
+                  ) -> Tuple[Dict[str, float], Dict[str, List[Tuple[int, str, float]]], str]:
+    """Run COCOeval for bbox and segm on `image_ids`.
+
+    Returns (metrics {"bbox/AP": .., "segm/AR100": .., 24 in all}, per-category AP rows per IoU type,
+    the printed summaries). With no detections at all every statistic is 0.0 (nothing was found).
+    """
+    metrics: Dict[str, float] = {}
+    per_category: Dict[str, List[Tuple[int, str, float]]] = {}
+    summaries = []
+    names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+    if not results:
+        log.warning("evaluation: the model made no detection on %d images; every AP is 0", len(image_ids))
+        for iou_type in IOU_TYPES:
+            metrics.update({f"{iou_type}/{name}": 0.0 for name in STAT_NAMES})
+            per_category[iou_type] = [(cid, names[cid], 0.0) for cid in sorted(names)]
+        return metrics, per_category, "no detections"
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(list(results))
+    for iou_type in IOU_TYPES:
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.params.imgIds = list(image_ids)
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        summaries.append(f"== {iou_type} ==\n" + "\n".join(
+            line for line in buffer.getvalue().splitlines() if line.strip().startswith("Average")))
+        # COCOeval reports -1 where no ground truth exists in an area range; keep it as is: it is not 0.
+        metrics.update({f"{iou_type}/{name}": float(v) for name, v in zip(STAT_NAMES, evaluator.stats)})
+        per_category[iou_type] = _per_category_ap(evaluator, names)
+    return metrics, per_category, "\n".join(summaries)
+
+
+def per_category_table(per_category: Dict[str, List[Tuple[int, str, float]]]) -> str:
+    """Markdown table: one row per category with bbox and segm AP (-1 = category absent from the GT)."""
+    bbox = {cid: ap for cid, _, ap in per_category.get("bbox", [])}
+    lines = ["| category_id | name | bbox AP | segm AP |", "|---:|---|---:|---:|"]
+    for cid, name, segm_ap in per_category.get("segm", []):
+        lines.append(f"| {cid} | {name} | {bbox.get(cid, -1.0):.4f} | {segm_ap:.4f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,60 @@
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from instaboost.evaluation.coco_eval import (STAT_NAMES, detections_to_coco, evaluate_coco, paste_mask,
+                                             per_category_table)
+from tests.helpers import shared_data_dir
+
+
+def _load_gt(path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def test_ground_truth_scores_perfectly_against_itself():
+    gt = _load_gt(shared_data_dir("coco_val10") / "annotations.json")
+    results = []
+    for ann in gt.dataset["annotations"]:
+        rle = mask_utils.encode(np.asfortranarray(gt.annToMask(ann)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
+                        "score": 1.0, "segmentation": rle})
+    metrics, per_category, summary = evaluate_coco(gt, results, gt.getImgIds())
+    assert set(metrics) == {f"{t}/{n}" for t in ("bbox", "segm") for n in STAT_NAMES}
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
+    table = per_category_table(per_category)
+    assert "| 1 | person | 1.0000 | 1.0000 |" in table
+    assert "Average Precision" in summary
+
+
+def test_no_detections_gives_zero_not_a_crash():
+    gt = _load_gt(shared_data_dir("coco_val10") / "annotations.json")
+    metrics, _, _ = evaluate_coco(gt, [], gt.getImgIds())
+    assert metrics["segm/AP"] == 0.0 and metrics["bbox/AR100"] == 0.0
+
+
+def test_paste_mask_follows_the_box():
+    probs = np.ones((28, 28), np.float32)
+    mask = paste_mask(probs, np.array([10.0, 5.0, 30.0, 25.0]), 40, 50, 0.5)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 29, 5, 24)
+    clipped = paste_mask(probs, np.array([-5.0, -5.0, 10.0, 10.0]), 40, 50, 0.5)
+    assert clipped[:10, :10].all() and clipped.sum() == 100
+
+
+def test_detections_map_back_to_original_pixels():
+    # Image 100x200 resized by 0.5 to 50x100: a box at (10,10,30,20) resized is (20,20,60,40) originally.
+    meta = np.array([[7, 100, 200, 50, 100]], np.float32)
+    boxes = np.array([[[10, 10, 30, 20], [0, 0, 0, 0]]], np.float32)
+    results = detections_to_coco(boxes, np.array([[0.9, 0.0]]), np.array([[2, 0]]), np.array([[True, False]]),
+                                 np.ones((1, 2, 28, 28), np.float32), meta, {2: 18}, 0.5)
+    assert len(results) == 1
+    r = results[0]
+    assert r["image_id"] == 7 and r["category_id"] == 18
+    assert r["bbox"] == pytest.approx([20, 20, 40, 20])
+    assert mask_utils.area(r["segmentation"]) == 40 * 20

@@ -1,0 +1,85 @@
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from instaboost.engine.checkpoint import CheckpointManager, load_checkpoint
+from instaboost.engine.train_step import build_loss_scaler, make_train_step
+
+
+def _regression_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+    y = (x @ np.array([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]], np.float32)).astype(np.float32)
+    return ms.Tensor(x), ms.Tensor(y)
+
+
+@pytest.mark.parametrize("scaler_kind,scale", [("none", 1.0), ("static", 128.0), ("dynamic", 1024.0)])
+def test_loss_drops_with_every_scaler(scaler_kind, scale):
+    ms.set_seed(0)
+    net = nn.Dense(3, 2)
+    lrs = ms.Tensor(np.full(20, 0.1, np.float32))
+    opt = nn.Momentum(net.trainable_params(), learning_rate=lrs, momentum=0.9)
+
+    def forward(x, y):
+        err = net(x) - y
+        return {"l2": (err ** 2).mean(), "l1": ms.ops.abs(err).mean()}
+
+    step = make_train_step(forward, opt, loss_names=["l2", "l1"], scaler=build_loss_scaler(scaler_kind, scale),
+                           clip_norm=10.0)
+    x, y = _regression_problem()
+    losses = []
+    for _ in range(10):
+        loss, terms, finite = step(x, y)
+        assert bool(finite)
+        assert float(loss) == pytest.approx(float(terms[0]) + float(terms[1]), rel=1e-5)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_non_finite_gradients_skip_the_update():
+    net = nn.Dense(3, 2)
+    opt = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
+    before = net.weight.asnumpy().copy()
+
+    def forward(x, y):
+        return {"bad": (net(x) * ms.Tensor(np.inf, ms.float32)).mean()}
+
+    step = make_train_step(forward, opt, loss_names=["bad"], scaler=build_loss_scaler("none", 1.0))
+    _, _, finite = step(*_regression_problem())
+    assert not bool(finite)
+    np.testing.assert_array_equal(net.weight.asnumpy(), before)
+
+
+def test_unknown_scaler_names_the_key():
+    with pytest.raises(ValueError, match="schedule.loss_scale_type"):
+        build_loss_scaler("bogus", 1.0)
+
+
+def test_checkpoint_manager_keeps_latest_and_best_and_restores_optimizer(tmp_path):
+    net = nn.Dense(3, 2)
+    opt = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
+    manager = CheckpointManager(tmp_path, keep_latest=2, keep_best=2)
+    for step in range(4):
+        manager.save_latest(net, opt, step)
+    assert [p.name for p in manager.latest] == ["step_00000002.ckpt", "step_00000003.ckpt"]
+    assert manager.save_best(net, opt, 4, 0.3) is not None
+    assert manager.save_best(net, opt, 5, 0.5) is not None
+    assert manager.save_best(net, opt, 6, 0.1) is None, "worse than the best two: not kept"
+    assert manager.save_best(net, opt, 7, 0.4) is not None
+    assert sorted(v for v, _ in manager.best) == [0.4, 0.5]
+    assert len(list(tmp_path.glob("*.ckpt"))) == 4
+
+    opt.moments[0].set_data(ms.Tensor(np.full((2, 3), 7.0, np.float32)))
+    path = manager.save_latest(net, opt, 8)
+    fresh_net = nn.Dense(3, 2)
+    fresh_opt = nn.Momentum(fresh_net.trainable_params(), learning_rate=0.1, momentum=0.9)
+    names = load_checkpoint(path, fresh_net, fresh_opt)
+    assert "moments.weight" in names and "global_step" in names
+    np.testing.assert_array_equal(fresh_net.weight.asnumpy(), net.weight.asnumpy())
+    np.testing.assert_array_equal(fresh_opt.moments[0].asnumpy(), np.full((2, 3), 7.0, np.float32))
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_checkpoint(tmp_path / "nope.ckpt", nn.Dense(3, 2))
