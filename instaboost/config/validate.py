@@ -1,0 +1,326 @@
+"""Semantic checks of a composed config, run right after composition, before any data is read.
+
+Types and unknown keys are already enforced by the schemas (:mod:`instaboost.config.schema`);
+this module checks what a type cannot say: probabilities in [0, 1], ``action_prob`` summing to
+one, ordered ranges, image sizes divisible by the padding divisor, known names.
+
+Every problem is reported as ``"<dotted.key>: <message>"``; :func:`validate` collects all of
+them and raises one :class:`ConfigError` whose message starts with the first offending key.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+# Tolerance of sum(action_prob) == 1 (instaboostfast asserts exact equality; floats from a
+# command line such as 0.7,0.2,0.1 sum to 1 only within rounding).
+ACTION_PROB_TOLERANCE = 1e-6
+INSTABOOST_ACTIONS = ("normal", "horizontal", "vertical", "skip")
+INSTABOOST_ENGINES = ("project", "instaboostfast")
+CONV_IMPLS = ("native", "unfold")
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+NORMS = ("bn", "frozen_bn")
+LOSS_SCALE_TYPES = ("static", "dynamic", "none")
+BACKBONE_TYPES = ("resnet",)
+# Bottleneck ResNets: their C2..C5 have 256/512/1024/2048 channels, what the FPN expects.
+RESNET_DEPTHS = (50, 101, 152)
+# frozen_stages: -1 trains everything; 0 freezes the stem; k freezes the stem and stages 1..k.
+FROZEN_STAGES_RANGE = (-1, 4)
+BOX_CODER_LEN = 4
+IMG_CHANNELS = 3
+
+
+class ConfigError(ValueError):
+    """A config value is unusable. ``errors`` holds one ``"<key>: <message>"`` per problem."""
+
+    def __init__(self, *errors: str):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ``cfg`` (the composed config, without the ``hydra`` node) or raise ConfigError."""
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            *(f"{key}: mandatory value is missing; pass it as {key}=<value>" for key in missing)
+        )
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        raise ConfigError(f"{err.full_key}: cannot resolve interpolation ({err.msg})") from err
+    checker = _Checker(resolved)
+    for check in (
+        _check_top,
+        _check_detector,
+        _check_backbone,
+        _check_augmentation,
+        _check_schedule,
+        _check_hardware,
+        _check_dataset,
+        _check_tracking,
+    ):
+        check(checker)
+    if checker.errors:
+        raise ConfigError(*checker.errors)
+
+
+def _missing_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted keys holding ``???`` (interpolations are not followed)."""
+    if isinstance(node, DictConfig):
+        items: Iterable = ((str(k), k) for k in node.keys())
+    elif isinstance(node, ListConfig):
+        items = ((str(i), i) for i in range(len(node)))
+    else:
+        return
+    for name, key in items:
+        dotted = f"{prefix}.{name}" if prefix else name
+        if OmegaConf.is_missing(node, key):
+            yield dotted
+        elif not OmegaConf.is_interpolation(node, key):
+            yield from _missing_keys(node._get_node(key), dotted)
+
+
+class _Checker:
+    """Reads values by dotted key from a resolved container and records problems."""
+
+    def __init__(self, resolved: Mapping[str, Any]):
+        self.cfg = resolved
+        self.errors: List[str] = []
+
+    def get(self, key: str) -> Any:
+        node: Any = self.cfg
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def fail(self, key: str, message: str) -> None:
+        self.errors.append(f"{key}: {message}")
+
+    def require(self, key: str, predicate: Callable[[Any], bool], message: str) -> bool:
+        value = self.get(key)
+        ok = predicate(value)
+        if not ok:
+            self.fail(key, f"{message} (got {value!r})")
+        return ok
+
+    # -- helpers --------------------------------------------------------------------------
+    def positive(self, *keys: str) -> None:
+        for key in keys:
+            self.require(key, lambda v: v > 0, "must be > 0")
+
+    def non_negative(self, *keys: str) -> None:
+        for key in keys:
+            self.require(key, lambda v: v >= 0, "must be >= 0")
+
+    def probability(self, *keys: str) -> None:
+        for key in keys:
+            self.require(key, lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]")
+
+    def optional_positive(self, *keys: str) -> None:
+        for key in keys:
+            self.require(key, lambda v: v is None or v > 0, "must be null or > 0")
+
+    def one_of(self, key: str, choices: Sequence[Any]) -> None:
+        self.require(key, lambda v: v in choices, f"must be one of {list(choices)}")
+
+    def length(self, key: str, size: int) -> bool:
+        return self.require(key, lambda v: len(v) == size, f"must have {size} entries")
+
+    def min_max(self, key: str) -> None:
+        """A [min, max] pair with min <= max."""
+        if self.length(key, 2):
+            self.require(key, lambda v: v[0] <= v[1], "must be [min, max] with min <= max")
+
+    def all_positive(self, key: str) -> None:
+        self.require(key, lambda v: all(x > 0 for x in v), "every entry must be > 0")
+
+    def increasing(self, key: str) -> None:
+        self.require(
+            key,
+            lambda v: all(a < b for a, b in zip(v, list(v)[1:])),
+            "must be strictly increasing",
+        )
+
+    def not_empty(self, key: str) -> None:
+        self.require(key, lambda v: bool(v) and bool(str(v).strip()), "must not be empty")
+
+
+def _check_top(c: _Checker) -> None:
+    c.not_empty("task")
+    c.non_negative("seed")
+
+
+def _check_detector(c: _Checker) -> None:
+    d = "detector"
+    c.not_empty(f"{d}.name")
+    c.positive(
+        f"{d}.num_gts",
+        f"{d}.gt_mask_size",
+        f"{d}.neck.out_channels",
+        f"{d}.neck.num_outs",
+        f"{d}.rpn.feat_channels",
+        f"{d}.roi.finest_scale",
+        f"{d}.bbox_head.roi_feat_size",
+        f"{d}.bbox_head.fc_out_channels",
+        f"{d}.mask_head.roi_feat_size",
+        f"{d}.mask_head.num_convs",
+        f"{d}.mask_head.conv_out_channels",
+        f"{d}.mask_head.mask_size",
+        f"{d}.train_cfg.rcnn.mask_max_pos",
+        f"{d}.test_cfg.rcnn.max_per_img",
+    )
+    c.non_negative(f"{d}.roi.sampling_ratio")
+    for key in ("rpn.anchor_scales", "rpn.anchor_ratios", "rpn.anchor_strides",
+                "roi.featmap_strides"):
+        c.require(f"{d}.{key}", lambda v: len(v) > 0, "must not be empty")
+        c.all_positive(f"{d}.{key}")
+    c.increasing(f"{d}.rpn.anchor_strides")
+    c.increasing(f"{d}.roi.featmap_strides")
+    num_outs = c.get(f"{d}.neck.num_outs")
+    c.require(
+        f"{d}.rpn.anchor_strides",
+        lambda v: len(v) == num_outs,
+        f"needs one stride per FPN output (detector.neck.num_outs={num_outs})",
+    )
+    for head in ("rpn", "bbox_head"):
+        c.length(f"{d}.{head}.target_means", BOX_CODER_LEN)
+        if c.length(f"{d}.{head}.target_stds", BOX_CODER_LEN):
+            c.all_positive(f"{d}.{head}.target_stds")
+    c.non_negative(
+        f"{d}.rpn.loss_cls_weight",
+        f"{d}.rpn.loss_bbox_weight",
+        f"{d}.bbox_head.loss_cls_weight",
+        f"{d}.bbox_head.loss_bbox_weight",
+        f"{d}.mask_head.loss_weight",
+    )
+    for stage in ("rpn", "rcnn"):
+        base = f"{d}.train_cfg.{stage}"
+        c.probability(
+            f"{base}.assigner.pos_iou_thr",
+            f"{base}.assigner.neg_iou_thr",
+            f"{base}.assigner.min_pos_iou",
+            f"{base}.sampler.pos_fraction",
+        )
+        neg = c.get(f"{base}.assigner.neg_iou_thr")
+        c.require(
+            f"{base}.assigner.pos_iou_thr",
+            lambda v, neg=neg: v >= neg,
+            f"must be >= neg_iou_thr ({neg})",
+        )
+        c.positive(f"{base}.sampler.num")
+    c.probability(f"{d}.train_cfg.rcnn.ignore_iof_thr")
+    for proposal in ("train_cfg.rpn_proposal", "test_cfg.rpn"):
+        base = f"{d}.{proposal}"
+        c.positive(f"{base}.nms_pre", f"{base}.max_per_img")
+        c.probability(f"{base}.iou_threshold")
+        c.non_negative(f"{base}.min_bbox_size")
+    c.probability(
+        f"{d}.test_cfg.rcnn.score_thr",
+        f"{d}.test_cfg.rcnn.iou_threshold",
+        f"{d}.test_cfg.rcnn.mask_thr_binary",
+    )
+
+
+def _check_backbone(c: _Checker) -> None:
+    b = "backbone"
+    c.one_of(f"{b}.type", BACKBONE_TYPES)
+    c.one_of(f"{b}.depth", RESNET_DEPTHS)
+    c.one_of(f"{b}.norm", NORMS)
+    c.positive(f"{b}.groups", f"{b}.base_width")
+    low, high = FROZEN_STAGES_RANGE
+    c.require(f"{b}.frozen_stages", lambda v: low <= v <= high, f"must be in [{low}, {high}]")
+    c.require(f"{b}.pretrained", lambda v: v is None or bool(str(v).strip()),
+              "must be null or a checkpoint path")
+
+
+def _check_augmentation(c: _Checker) -> None:
+    a = "augmentation"
+    c.one_of(f"{a}.engine", INSTABOOST_ENGINES)
+    c.probability(f"{a}.aug_prob", f"{a}.color_prob")
+    actions = list(c.get(f"{a}.action_candidate"))
+    probs = list(c.get(f"{a}.action_prob"))
+    if not actions:
+        c.fail(f"{a}.action_candidate", "must name at least one action")
+    unknown = [name for name in actions if name not in INSTABOOST_ACTIONS]
+    if unknown:
+        c.fail(f"{a}.action_candidate",
+               f"unknown actions {unknown}; known: {list(INSTABOOST_ACTIONS)}")
+    if len(set(actions)) != len(actions):
+        c.fail(f"{a}.action_candidate", f"actions must be distinct (got {actions})")
+    if len(probs) != len(actions):
+        c.fail(f"{a}.action_prob",
+               f"needs one probability per action_candidate entry ({len(probs)} vs {len(actions)})")
+    if any(not 0.0 <= p <= 1.0 for p in probs):
+        c.fail(f"{a}.action_prob", f"every entry must be in [0, 1] (got {probs})")
+    elif not math.isclose(sum(probs), 1.0, rel_tol=0.0, abs_tol=ACTION_PROB_TOLERANCE):
+        c.fail(f"{a}.action_prob",
+               f"must sum to 1 within {ACTION_PROB_TOLERANCE} (got sum {sum(probs)!r})")
+    c.positive(f"{a}.dx", f"{a}.dy")
+    c.min_max(f"{a}.scale")
+    c.all_positive(f"{a}.scale")
+    c.min_max(f"{a}.theta")
+
+
+def _check_schedule(c: _Checker) -> None:
+    s = "schedule"
+    c.positive(
+        f"{s}.epochs",
+        f"{s}.batch_size",
+        f"{s}.img_height",
+        f"{s}.img_width",
+        f"{s}.pad_divisor",
+        f"{s}.base_lr",
+        f"{s}.base_batch_size",
+        f"{s}.loss_scale",
+        f"{s}.eval_every",
+        f"{s}.log_every_steps",
+        f"{s}.ckpt_every_steps",
+    )
+    c.optional_positive(f"{s}.max_steps")
+    c.non_negative(f"{s}.weight_decay", f"{s}.warmup_steps", f"{s}.grad_clip",
+                   f"{s}.keep_checkpoint_max", f"{s}.keep_best_checkpoints_max")
+    c.require(f"{s}.momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+    c.require(f"{s}.warmup_ratio", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+    divisor = c.get(f"{s}.pad_divisor")
+    if divisor > 0:
+        for side in ("img_height", "img_width"):
+            c.require(f"{s}.{side}", lambda v: v % divisor == 0,
+                      f"must be divisible by schedule.pad_divisor={divisor}")
+    c.all_positive(f"{s}.lr_steps")
+    c.increasing(f"{s}.lr_steps")
+    c.one_of(f"{s}.loss_scale_type", LOSS_SCALE_TYPES)
+
+
+def _check_hardware(c: _Checker) -> None:
+    h = "hardware"
+    c.one_of(f"{h}.device_target", DEVICE_TARGETS)
+    c.one_of(f"{h}.conv_impl", CONV_IMPLS)
+    c.positive(f"{h}.num_workers", f"{h}.device_num")
+
+
+def _check_dataset(c: _Checker) -> None:
+    ds = "dataset"
+    for key in ("name", "train_images", "train_annotations", "val_images", "val_annotations"):
+        c.not_empty(f"{ds}.{key}")
+    c.optional_positive(f"{ds}.max_images")
+    c.probability(f"{ds}.flip_ratio")
+    c.length(f"{ds}.img_mean", IMG_CHANNELS)
+    if c.length(f"{ds}.img_std", IMG_CHANNELS):
+        c.all_positive(f"{ds}.img_std")
+    for key in ("num_train", "num_val", "image_size"):
+        if key in c.get(ds):
+            c.positive(f"{ds}.{key}")
+
+
+def _check_tracking(c: _Checker) -> None:
+    c.not_empty("tracking.experiment_name")
+    for key in ("uri", "run_name", "artifact_root"):
+        c.require(f"tracking.{key}", lambda v: v is None or bool(str(v).strip()),
+                  "must be null or a non-empty string")
+
+
+__all__ = ["ConfigError", "validate"]

@@ -1,0 +1,53 @@
+"""Entry point: compose the config, validate it, run the task inside one MLflow run.
+
+    python run.py                                   # make demo: train on the demo dataset
+    python run.py -m augmentation.aug_prob=0,0.5    # one MLflow parent run, a child per value
+    python run.py experiment=mask_rcnn_r50_instaboost_4x dataset.root=/data/coco
+
+Returns the task's ``segm/AP`` so Hydra sweepers can optimise it.
+"""
+from __future__ import annotations
+
+import shlex
+import signal
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from instaboost.config import CONFIG_DIR  # registers the resolvers and schemas
+from instaboost.config.validate import ConfigError, validate
+from instaboost.tracking import start_run, tracking_uri
+
+OPTIMIZED_METRIC = "segm/AP"
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    """Schedulers stop jobs with SIGTERM: end the MLflow run KILLED, never leave it RUNNING."""
+    raise KeyboardInterrupt(f"received signal {signum}")
+
+
+# Absolute path of ./conf: also found when run.py is imported as a module (tests).
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    validate(cfg)
+    # Imported here so `--help`, `--cfg` and config errors answer without loading MindSpore.
+    from instaboost.tasks import TASKS
+
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task: unknown task {cfg.task!r}; known: {sorted(TASKS)}")
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with start_run(cfg, output_dir) as tracker:
+            metrics = TASKS[cfg.task](cfg, tracker=tracker, output_dir=output_dir)
+    finally:
+        print(f"Outputs: {output_dir}")
+        print(f"Browse runs: mlflow ui --backend-store-uri {shlex.quote(tracking_uri(cfg))}")
+    return metrics.get(OPTIMIZED_METRIC)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    main()

@@ -1,0 +1,193 @@
+"""run.py through Hydra itself: single runs, multiruns with a parent MLflow run, failing jobs.
+
+Most tests run ``run.main`` in this process with the test-only task ``tracker_probe`` (see
+conftest.py), so they exercise Hydra, the sweep callback and the tracker against a real MLflow
+store in about a second each. ``test_real_train_sweep`` runs the real training task in a
+subprocess (``python run.py -m ...``).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+import run as run_module
+from instaboost.config import PROJECT_ROOT
+from instaboost.tracking import PARENT_RUN_ENV
+from tests.conftest import PROBE_METRIC, SMOKE_OVERRIDES, run_app
+
+QUIET_HYDRA = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+SUBPROCESS_TIMEOUT_S = 300
+TRAIN_TIMEOUT_S = 900
+
+
+def _store_args(tmp_path: Path, uri: str) -> list[str]:
+    return [f"paths.output_root={tmp_path / 'outputs'}", f"tracking.uri='{uri}'"]
+
+
+def _runs(uri: str) -> dict[str, object]:
+    """Runs of experiment "instaboost" by run name."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("instaboost")
+    if experiment is None:
+        return {}
+    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
+def _parent_and_children(uri: str):
+    runs = list(_runs(uri).values())
+    parents = [r for r in runs if "sweep_dir" in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    parent = parents[0]
+    children = {r.info.run_name: r for r in runs if r is not parent}
+    for child in children.values():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    return parent, children
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR", PARENT_RUN_ENV)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_single_run(monkeypatch, tmp_path, mlflow_uri, probe_task, capsys) -> None:
+    run_app(monkeypatch, run_module.main,
+            [f"task={probe_task}", "augmentation=none", *_store_args(tmp_path, mlflow_uri),
+             *QUIET_HYDRA])
+    out = capsys.readouterr().out
+    runs = _runs(mlflow_uri)
+    assert list(runs) == ["task=tracker_probe,augmentation=none"]
+    run = runs["task=tracker_probe,augmentation=none"]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["segm/AP"] == PROBE_METRIC
+    tags = run.data.tags
+    assert tags["choice.augmentation"] == "none" and tags["choice.schedule"] == "demo"
+    assert "augmentation=none" in tags["overrides"]
+    assert "mlflow.parentRunId" not in tags
+    output_dir = Path(tags["output_dir"])
+    assert output_dir.parent.parent == tmp_path / "outputs" / "runs"
+    assert (output_dir / "probe.txt").is_file()
+    assert f"Outputs: {output_dir}" in out
+    assert f"mlflow ui --backend-store-uri {mlflow_uri}" in out
+    hydra_files = MlflowClient(tracking_uri=mlflow_uri).list_artifacts(run.info.run_id, ".hydra")
+    assert {Path(a.path).name for a in hydra_files} == {"config.yaml", "hydra.yaml",
+                                                      "overrides.yaml"}
+
+
+def test_multirun_parent_with_two_children(monkeypatch, tmp_path, mlflow_uri, probe_task) -> None:
+    run_app(monkeypatch, run_module.main,
+            ["-m", f"task={probe_task}", "augmentation.aug_prob=0.0,0.5",
+             *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA])
+    parent, children = _parent_and_children(mlflow_uri)
+    assert parent.info.status == "FINISHED"
+    assert sorted(children) == ["task=tracker_probe,augmentation.aug_prob=0.0",
+                                "task=tracker_probe,augmentation.aug_prob=0.5"]
+    assert {c.info.status for c in children.values()} == {"FINISHED"}
+    sweep_dir = Path(parent.data.tags["sweep_dir"])
+    assert sweep_dir.parent.parent == tmp_path / "outputs" / "multirun"
+    assert "augmentation.aug_prob=0.0,0.5" in parent.data.tags["sweep_overrides"]
+    assert parent.data.tags["job.0.status"] == parent.data.tags["job.1.status"] == "COMPLETED"
+    assert sorted(Path(c.data.tags["output_dir"]) for c in children.values()) == [
+        sweep_dir / "0", sweep_dir / "1"]
+    assert [c.data.params["augmentation.aug_prob"] for _, c in sorted(children.items())] == [
+        "0.0", "0.5"]
+    parent_artifacts = MlflowClient(tracking_uri=mlflow_uri).list_artifacts(parent.info.run_id)
+    assert [a.path for a in parent_artifacts] == ["multirun.yaml"]
+    assert PARENT_RUN_ENV not in os.environ
+
+
+def test_failing_job_fails_parent_and_sweep_continues(monkeypatch, tmp_path, mlflow_uri,
+                                                      probe_task, capsys) -> None:
+    # Hydra 1.3's BasicSweeper runs the whole batch, then re-raises the failed job's error
+    # (so on_multirun_end is never called) and the app exits with status 1.
+    with pytest.raises(SystemExit) as info:
+        run_app(monkeypatch, run_module.main,
+                ["-m", f"task={probe_task}", "augmentation.aug_prob=0.5,1.0,0.0",
+                 *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA])
+    assert info.value.code == 1
+    assert "probe task forced to fail" in capsys.readouterr().err
+    parent, children = _parent_and_children(mlflow_uri)
+    statuses = {name.split("=")[-1]: c.info.status for name, c in children.items()}
+    assert statuses == {"0.5": "FINISHED", "1.0": "FAILED", "0.0": "FINISHED"}
+    failed = children["task=tracker_probe,augmentation.aug_prob=1.0"]
+    assert failed.data.tags["error"] == "RuntimeError: probe task forced to fail"
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["job.1.status"] == "FAILED"
+    assert parent.data.tags["job.2.status"] == "COMPLETED"
+
+
+def test_config_error_stops_before_tracking(monkeypatch, tmp_path, mlflow_uri, probe_task,
+                                            capsys) -> None:
+    with pytest.raises(SystemExit):
+        run_app(monkeypatch, run_module.main,
+                [f"task={probe_task}", "augmentation.action_prob=[0.5,0.2,0.2]",
+                 *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA])
+    assert "augmentation.action_prob: must sum to 1" in capsys.readouterr().err
+    assert _runs(mlflow_uri) == {}
+
+
+def test_unknown_task_is_a_config_error(monkeypatch, tmp_path, mlflow_uri, probe_task,
+                                        capsys) -> None:
+    with pytest.raises(SystemExit):
+        run_app(monkeypatch, run_module.main,
+                ["task=no_such_task", *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA])
+    assert "task: unknown task 'no_such_task'" in capsys.readouterr().err
+    assert _runs(mlflow_uri) == {}
+
+
+def test_single_run_ignores_a_leftover_parent_id(monkeypatch, tmp_path, mlflow_uri,
+                                                 probe_task) -> None:
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment_id = client.create_experiment("instaboost",
+                                             artifact_location=(tmp_path / "arts").as_uri())
+    stale = client.create_run(experiment_id, run_name="old sweep",
+                              tags={"sweep_dir": "/somewhere/else"})
+    client.set_terminated(stale.info.run_id, "FINISHED")
+    monkeypatch.setenv(PARENT_RUN_ENV, stale.info.run_id)
+    run_app(monkeypatch, run_module.main,
+            [f"task={probe_task}", *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA])
+    run = _runs(mlflow_uri)["task=tracker_probe"]
+    assert run.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in run.data.tags
+
+
+def test_sweep_dying_after_start_leaves_no_running_parent(tmp_path, mlflow_uri) -> None:
+    # The parent run is created in on_multirun_start; the typo then fails the sweeper's job
+    # composition, so neither on_job_end nor on_multirun_end runs: the atexit guard ends it.
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", "schedule.lrr=0.1,0.2",
+         *_store_args(tmp_path, mlflow_uri)],
+        cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "schedule.lrr" in proc.stderr
+    runs = list(_runs(mlflow_uri).values())
+    assert len(runs) == 1 and "sweep_dir" in runs[0].data.tags
+    assert runs[0].info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
+    """Two smoke trainings with the real ``train`` task: one parent, two FINISHED children."""
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", *SMOKE_OVERRIDES, "augmentation.aug_prob=0.0,0.5",
+         *_store_args(tmp_path, mlflow_uri)],
+        cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"mlflow ui --backend-store-uri {mlflow_uri}" in proc.stdout
+    parent, children = _parent_and_children(mlflow_uri)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 2
+    for child in children.values():
+        assert child.info.status == "FINISHED"
+        assert "segm/AP" in child.data.metrics and "bbox/AP" in child.data.metrics
+    assert {c.data.params["augmentation.aug_prob"] for c in children.values()} == {"0.0", "0.5"}

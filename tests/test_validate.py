@@ -1,0 +1,110 @@
+"""Semantic checks: each bad value is reported with its dotted key first."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import DictConfig
+
+from instaboost.config.validate import ConfigError, validate
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def base_cfg() -> DictConfig:
+    return compose_config()
+
+
+def _errors(overrides: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    return info.value.errors
+
+
+def test_defaults_are_valid(base_cfg: DictConfig) -> None:
+    validate(base_cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["augmentation.aug_prob=1.5"], "augmentation.aug_prob"),
+        (["augmentation.color_prob=-0.1"], "augmentation.color_prob"),
+        (["augmentation.action_prob=[0.5,0.2,0.2]"], "augmentation.action_prob"),
+        (["augmentation.action_prob=[0.5,0.5]"], "augmentation.action_prob"),
+        (["augmentation.action_prob=[1.5,-0.5,0.0]"], "augmentation.action_prob"),
+        (["augmentation.action_candidate=[normal,diagonal,skip]"],
+         "augmentation.action_candidate"),
+        (["augmentation.action_candidate=[normal,normal,skip]"], "augmentation.action_candidate"),
+        (["augmentation.dx=0"], "augmentation.dx"),
+        (["augmentation.dy=-1"], "augmentation.dy"),
+        (["augmentation.scale=[1.2,0.8]"], "augmentation.scale"),
+        (["augmentation.scale=[0.8]"], "augmentation.scale"),
+        (["augmentation.theta=[5,-5]"], "augmentation.theta"),
+        (["augmentation.engine=fast"], "augmentation.engine"),
+        (["schedule.img_height=100"], "schedule.img_height"),
+        (["schedule.img_width=130"], "schedule.img_width"),
+        (["schedule.batch_size=0"], "schedule.batch_size"),
+        (["schedule.epochs=0"], "schedule.epochs"),
+        (["schedule.max_steps=0"], "schedule.max_steps"),
+        (["schedule.lr_steps=[11,8]"], "schedule.lr_steps"),
+        (["schedule.base_lr=0"], "schedule.base_lr"),
+        (["schedule.momentum=1.0"], "schedule.momentum"),
+        (["schedule.loss_scale_type=auto"], "schedule.loss_scale_type"),
+        (["hardware.device_target=TPU"], "hardware.device_target"),
+        (["hardware.conv_impl=winograd"], "hardware.conv_impl"),
+        (["hardware.device_num=0"], "hardware.device_num"),
+        (["backbone.norm=gn"], "backbone.norm"),
+        (["backbone.depth=34"], "backbone.depth"),
+        (["backbone.frozen_stages=7"], "backbone.frozen_stages"),
+        (["detector.rpn.anchor_strides=[4,8,16,32]"], "detector.rpn.anchor_strides"),
+        (["detector.train_cfg.rpn.sampler.pos_fraction=1.5"],
+         "detector.train_cfg.rpn.sampler.pos_fraction"),
+        (["detector.train_cfg.rcnn.assigner.pos_iou_thr=0.2"],
+         "detector.train_cfg.rcnn.assigner.pos_iou_thr"),
+        (["detector.bbox_head.target_stds=[0.1,0.1,0.2]"], "detector.bbox_head.target_stds"),
+        (["detector.test_cfg.rcnn.score_thr=2"], "detector.test_cfg.rcnn.score_thr"),
+        (["detector.num_gts=0"], "detector.num_gts"),
+        (["dataset.flip_ratio=2"], "dataset.flip_ratio"),
+        (["dataset.img_std=[1.0,0.0,1.0]"], "dataset.img_std"),
+        (["dataset.max_images=0"], "dataset.max_images"),
+        (["dataset.num_train=0"], "dataset.num_train"),
+        (["seed=-1"], "seed"),
+        (["tracking.experiment_name=''"], "tracking.experiment_name"),
+        (["dataset=coco_folder"], "dataset.train_root"),
+        (["dataset=coco2017"], "dataset.root"),
+        (["experiment=mask_rcnn_r50_instaboost_4x"], "dataset.root"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_value_names_its_key(overrides: list[str], key: str) -> None:
+    errors = _errors(overrides)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{key}: "), errors
+
+
+def test_action_prob_sum_tolerates_rounding() -> None:
+    # 0.7 + 0.2 + 0.1 != 1.0 exactly in binary floating point.
+    assert 0.7 + 0.2 + 0.1 != 1.0
+    validate(compose_config(["augmentation.action_prob=[0.7,0.2,0.1]"]))
+    validate(compose_config(["augmentation.action_candidate=[normal,vertical]",
+                             "augmentation.action_prob=[0.9999999,0.0000001]"]))
+
+
+def test_every_problem_is_reported_first_key_first() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(["augmentation.aug_prob=2", "schedule.batch_size=-1",
+                                 "hardware.conv_impl=fft"]))
+    keys = [error.split(":")[0] for error in info.value.errors]
+    assert keys == ["augmentation.aug_prob", "schedule.batch_size", "hardware.conv_impl"]
+    assert str(info.value).startswith("augmentation.aug_prob: ")
+    assert isinstance(info.value, ValueError)
+
+
+def test_mandatory_value_message_says_how_to_pass_it() -> None:
+    errors = _errors(["dataset=coco2017"])
+    assert errors == ["dataset.root: mandatory value is missing; pass it as dataset.root=<value>"]
+
+
+def test_validate_does_not_modify_the_config(base_cfg: DictConfig) -> None:
+    before = str(base_cfg)
+    validate(base_cfg)
+    assert str(base_cfg) == before
