@@ -1,0 +1,1 @@
+"""Tests of instaboost.data (sources, demo data, transforms, InstaBoost engines, pipeline)."""
