@@ -379,7 +379,3 @@ def _border_sides(box: Box, width: int, height: int) -> tuple[str, ...]:
     touches = (x0 < BORDER_MARGIN_PX, x1 > width - BORDER_MARGIN_PX,
                y0 < BORDER_MARGIN_PX, y1 > height - BORDER_MARGIN_PX)
     return tuple(side for side, hit in zip(SIDES, touches) if hit)
-
-
-# The registry name (instaboost.data.transforms.ENGINES["project"]).
-ProjectEngine = ProjectInstaBoostEngine
