@@ -1,0 +1,184 @@
+"""Max-IoU assigner and random sampler (instaboost/models/assigner.py, sampler.py)."""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+import pytest
+from mindspore import Tensor
+
+from instaboost.models.assigner import MaxIoUAssigner
+from instaboost.models.sampler import RandomSampler
+from instaboost.structures.boxes import np_pairwise_iou
+
+ms.set_device("CPU")
+ms.runtime.launch_blocking()  # synchronous PyNative is several times faster on a busy 2-core CPU
+
+RPN_RULES = dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True)
+
+
+def np_iof(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    tl = np.maximum(a[:, None, :2], b[None, :, :2])
+    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(br - tl, 0, None), axis=-1)
+    area = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=-1)
+    return inter / np.maximum(area[:, None], 1e-6)
+
+
+def reference_assign(boxes, cand_valid, gt_boxes, gt_valid, gt_crowd, *, pos_iou_thr, neg_iou_thr,
+                     min_pos_iou, match_low_quality, ignore_iof_thr):
+    """Sequential mmdetection-style assignment of one image (plain loops, for comparison)."""
+    targets = [g for g in range(len(gt_boxes)) if gt_valid[g] and not gt_crowd[g]]
+    result = np.full(len(boxes), -1, np.int32)
+    if not targets:
+        result[:] = 0
+    else:
+        iou = np_pairwise_iou(boxes, gt_boxes[targets])
+        iou[~cand_valid] = -1.0
+        best = iou.max(axis=1)
+        arg = iou.argmax(axis=1)
+        result[(best >= 0) & (best < neg_iou_thr)] = 0
+        pos = best >= pos_iou_thr
+        result[pos] = np.asarray(targets)[arg[pos]] + 1
+        if match_low_quality:
+            for j, g in enumerate(targets):
+                gt_best = iou[:, j].max()
+                if gt_best >= min_pos_iou:
+                    result[np.abs(iou[:, j] - gt_best) < 1e-6] = g + 1
+    crowds = [g for g in range(len(gt_boxes)) if gt_valid[g] and gt_crowd[g]]
+    if ignore_iof_thr > 0 and crowds:
+        inside = (np_iof(boxes, gt_boxes[crowds]) > ignore_iof_thr).any(axis=1)
+        result[inside & (result <= 0)] = -1
+    result[~cand_valid] = -1
+    return result
+
+
+def assign_one(assigner, boxes, gt_boxes, gt_valid=None, gt_crowd=None, cand_valid=None):
+    n, g = len(boxes), len(gt_boxes)
+    gt_valid = np.ones(g, bool) if gt_valid is None else np.asarray(gt_valid)
+    gt_crowd = np.zeros(g, bool) if gt_crowd is None else np.asarray(gt_crowd)
+    cand_valid = np.ones(n, bool) if cand_valid is None else np.asarray(cand_valid)
+    out = assigner.assign(Tensor(np.asarray(boxes, np.float32)[None]), Tensor(cand_valid[None]),
+                          Tensor(np.asarray(gt_boxes, np.float32).reshape(1, g, 4)),
+                          Tensor(gt_valid[None]), Tensor(gt_crowd[None]))
+    return out.gt_inds.asnumpy()[0]
+
+
+def test_docstring_example_positive_ignore_negative_and_low_quality():
+    assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3)
+    gt = [[0.0, 0, 10, 10]]
+    # IoUs with the GT: 0.6, 0.45, 0.2 (boxes sharing the GT's top-left corner, area 100 / IoU)
+    boxes = [[0, 0, 10, 6], [0, 0, 10, 4.5], [0, 0, 10, 2]]
+    np.testing.assert_array_equal(assign_one(assigner, boxes, gt), [1, -1, 0])
+    # best IoU 0.35 < pos_iou_thr: low-quality matching still gives the GT its best candidate
+    boxes = [[0, 0, 10, 3.5], [0, 0, 10, 1], [0, 0, 10, 2]]
+    np.testing.assert_array_equal(assign_one(assigner, boxes, gt), [1, 0, 0])
+    strict = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3,
+                            match_low_quality=False)
+    np.testing.assert_array_equal(assign_one(strict, boxes, gt), [0, 0, 0])
+
+
+def test_zero_gts_and_all_padding_make_every_valid_candidate_negative():
+    assigner = MaxIoUAssigner(**RPN_RULES)
+    boxes = [[0.0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 1, 1]]
+    padding = np.zeros((3, 4), np.float32)
+    np.testing.assert_array_equal(
+        assign_one(assigner, boxes, padding, gt_valid=[False] * 3, cand_valid=[True, True, False]),
+        [0, 0, -1])
+    empty = assigner.assign(Tensor(np.asarray(boxes, np.float32)[None]), Tensor([[True] * 3]),
+                            Tensor(np.zeros((1, 0, 4), np.float32)),
+                            Tensor(np.zeros((1, 0), bool)), Tensor(np.zeros((1, 0), bool)))
+    np.testing.assert_array_equal(empty.gt_inds.asnumpy(), [[0, 0, 0]])
+
+
+def test_crowd_regions_are_ignored_and_never_matched():
+    assigner = MaxIoUAssigner(**RPN_RULES, ignore_iof_thr=0.5)
+    gt = [[0.0, 0, 10, 10], [50, 50, 100, 100]]
+    crowd = [False, True]
+    boxes = [[50.0, 50, 100, 100],   # identical to the crowd box: never positive -> ignored
+             [60, 60, 70, 70],       # inside the crowd region -> ignored
+             [0, 0, 10, 10],         # matches the real GT -> positive
+             [200, 200, 220, 220]]   # far away -> negative
+    np.testing.assert_array_equal(assign_one(assigner, boxes, gt, gt_crowd=crowd), [-1, -1, 1, 0])
+    # a positive inside a crowd region stays positive
+    gt = [[60.0, 60, 70, 70], [50, 50, 100, 100]]
+    np.testing.assert_array_equal(assign_one(assigner, [[60.0, 60, 70, 70]], gt, gt_crowd=crowd),
+                                  [1])
+    no_ignore = MaxIoUAssigner(**RPN_RULES)
+    np.testing.assert_array_equal(
+        assign_one(no_ignore, [[60.0, 60, 70, 70]], [[50.0, 50, 100, 100]], gt_crowd=[True]), [0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_assigner_matches_sequential_reference(seed):
+    rng = np.random.default_rng(seed)
+    num_boxes, num_gts = 60, 6
+    xy = rng.uniform(0, 80, (num_boxes, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 40, (num_boxes, 2))], 1).astype(np.float32)
+    gt_xy = rng.uniform(0, 80, (num_gts, 2))
+    gts = np.concatenate([gt_xy, gt_xy + rng.uniform(8, 40, (num_gts, 2))], 1).astype(np.float32)
+    boxes[:num_gts] = gts + rng.normal(0, 1.5, gts.shape).astype(np.float32)  # some near-matches
+    gt_valid = np.array([True, True, True, True, True, False])
+    gt_crowd = np.array([False, False, False, False, True, False])
+    cand_valid = rng.uniform(size=num_boxes) > 0.1
+    rules = dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3, match_low_quality=True,
+                 ignore_iof_thr=0.5)
+    got = assign_one(MaxIoUAssigner(**rules), boxes, gts, gt_valid, gt_crowd, cand_valid)
+    want = reference_assign(boxes, cand_valid, gts, gt_valid, gt_crowd, **rules)
+    np.testing.assert_array_equal(got, want)
+    assert (got > 0).any() and (got == 0).any()
+
+
+def draw_gt_inds(rng, batch, num, pos_prob, neg_prob):
+    u = rng.uniform(size=(batch, num))
+    gt_inds = np.where(u < pos_prob, rng.integers(1, 5, (batch, num)),
+                       np.where(u < pos_prob + neg_prob, 0, -1))
+    return gt_inds.astype(np.int32)
+
+
+@pytest.mark.parametrize("pos_prob", [0.0, 0.05, 0.6])
+def test_sampler_respects_positive_fraction_and_total(pos_prob):
+    rng = np.random.default_rng(7)
+    gt_inds = draw_gt_inds(rng, 3, 300, pos_prob, 0.3)
+    sampler = RandomSampler(num=64, pos_fraction=0.25, seed=3)
+    out = sampler.sample(Tensor(gt_inds))
+    inds, valid, pos = (x.asnumpy() for x in out)
+    assert inds.shape == valid.shape == pos.shape == (3, 64)
+    for b in range(3):
+        chosen = inds[b][valid[b]]
+        assert len(set(chosen.tolist())) == len(chosen)  # no duplicates
+        num_pos = pos[b].sum()
+        assert num_pos <= 16
+        assert num_pos == min(16, (gt_inds[b] > 0).sum())
+        assert np.all(gt_inds[b][inds[b][pos[b]]] > 0)
+        neg_slots = valid[b] & ~pos[b]
+        assert np.all(gt_inds[b][inds[b][neg_slots]] == 0)
+        # negatives fill the remainder when available; valid slots come first, positives first
+        assert valid[b].sum() == min(64, num_pos + (gt_inds[b] == 0).sum())
+        assert np.all(np.diff(valid[b].astype(int)) <= 0)
+        assert np.all(np.diff(pos[b].astype(int)) <= 0)
+
+
+def test_sampler_small_candidate_sets_and_determinism():
+    gt_inds = Tensor(np.array([[1, 0, -1, 0, 2]], np.int32))
+    a = RandomSampler(num=8, pos_fraction=0.5, seed=11).sample(gt_inds)
+    b = RandomSampler(num=8, pos_fraction=0.5, seed=11).sample(gt_inds)
+    assert a.inds.shape == (1, 5)  # R = min(num, N)
+    np.testing.assert_array_equal(a.inds.asnumpy(), b.inds.asnumpy())
+    assert a.valid.asnumpy().sum() == 4 and a.positive.asnumpy().sum() == 2
+    assert 2 not in a.inds.asnumpy()[a.valid.asnumpy()]
+
+
+def test_sampler_draws_differ_between_calls():
+    sampler = RandomSampler(num=16, pos_fraction=0.5, seed=5)
+    gt_inds = Tensor(np.zeros((1, 400), np.int32))
+    first = sampler.sample(gt_inds).inds.asnumpy()
+    second = sampler.sample(gt_inds).inds.asnumpy()
+    assert not np.array_equal(first, second)
+
+
+def test_sampler_with_zero_positive_fraction_takes_only_negatives():
+    gt_inds = Tensor(np.array([[1, 0, 2, 0, 0, -1]], np.int32))
+    out = RandomSampler(num=4, pos_fraction=0.0, seed=2).sample(gt_inds)
+    assert not out.positive.asnumpy().any()
+    assert out.valid.asnumpy().sum() == 3
+    assert set(out.inds.asnumpy()[out.valid.asnumpy()].tolist()) == {1, 3, 4}

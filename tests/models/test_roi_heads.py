@@ -1,0 +1,249 @@
+"""RoI extractor, box/mask heads and the standard RoI heads
+(instaboost/models/roi_extractor.py, bbox_head.py, mask_head.py, roi_heads.py)."""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+import pytest
+from mindspore import Tensor
+
+from instaboost.models.assigner import MaxIoUAssigner
+from instaboost.models.bbox_head import Shared2FCBBoxHead
+from instaboost.models.box_coder import DeltaXYWHBoxCoder
+from instaboost.models.mask_head import FCNMaskHead, build_mask_targets
+from instaboost.models.roi_extractor import RoIExtractor, map_roi_levels
+from instaboost.models.roi_heads import StandardRoIHeads
+from instaboost.models.sampler import RandomSampler
+
+ms.set_device("CPU")
+ms.runtime.launch_blocking()  # synchronous PyNative is several times faster on a busy 2-core CPU
+
+CHANNELS = 8
+NUM_CLASSES = 3
+IMAGE = 64
+STRIDES = (4, 8, 16, 32)
+
+
+def bilinear(feat, y, x):
+    """RoIAlign's bilinear sample of feat (C, H, W) at (y, x) with its border rules."""
+    height, width = feat.shape[1:]
+    if y < -1 or y > height or x < -1 or x > width:
+        return np.zeros(feat.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y0, x0 = int(np.floor(y)), int(np.floor(x))
+    if y0 >= height - 1:
+        y0 = y1 = height - 1
+        y = float(y0)
+    else:
+        y1 = y0 + 1
+    if x0 >= width - 1:
+        x0 = x1 = width - 1
+        x = float(x0)
+    else:
+        x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    return ((1 - ly) * (1 - lx) * feat[:, y0, x0] + (1 - ly) * lx * feat[:, y0, x1]
+            + ly * (1 - lx) * feat[:, y1, x0] + ly * lx * feat[:, y1, x1])
+
+
+def reference_roi_align(feat, roi, scale, out, ratio):
+    """Half-pixel-aligned RoIAlign of one RoI (plain loops). feat (B, C, H, W) -> (C, out, out)."""
+    b = int(roi[0])
+    x1, y1, x2, y2 = roi[1:] * scale - 0.5
+    bin_w, bin_h = max(x2 - x1, 1.0) / out, max(y2 - y1, 1.0) / out
+    result = np.zeros((feat.shape[1], out, out))
+    for i in range(out):
+        for j in range(out):
+            for sy in range(ratio):
+                for sx in range(ratio):
+                    result[:, i, j] += bilinear(feat[b], y1 + bin_h * (i + (sy + 0.5) / ratio),
+                                                x1 + bin_w * (j + (sx + 0.5) / ratio))
+    return result / ratio ** 2
+
+
+def random_features(batch=2, seed=0, strides=STRIDES + (64,)):
+    rng = np.random.default_rng(seed)
+    return [Tensor(rng.standard_normal((batch, CHANNELS, IMAGE // s, IMAGE // s), np.float32))
+            for s in strides]
+
+
+def random_rois(rng, num, batch=2):
+    xy = rng.uniform(-6, IMAGE, (num, 2))
+    wh = rng.uniform(0.5, 80, (num, 2))
+    return np.concatenate([rng.integers(0, batch, (num, 1)), xy, xy + wh], 1).astype(np.float32)
+
+
+def test_map_roi_levels_thresholds():
+    sides = np.array([10, 111, 112, 223, 224, 447, 448, 2000], np.float32)
+    boxes = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], 1)
+    levels = map_roi_levels(Tensor(boxes), 4, 56.0).asnumpy()
+    np.testing.assert_array_equal(levels, [0, 0, 1, 1, 2, 2, 3, 3])
+
+
+@pytest.mark.parametrize("impl", ["gather", "native"])
+def test_roi_align_matches_plain_reference(impl):
+    rng = np.random.default_rng(1)
+    feats = random_features()
+    rois = random_rois(rng, 25)
+    extractor = RoIExtractor(out_size=4, featmap_strides=STRIDES, finest_scale=56,
+                             sampling_ratio=2, impl=impl)
+    out = extractor(feats, Tensor(rois)).asnumpy()
+    levels = map_roi_levels(Tensor(rois[:, 1:]), 4, 56.0).asnumpy()
+    for n, roi in enumerate(rois):
+        level = levels[n]
+        want = reference_roi_align(feats[level].asnumpy(), roi, 1.0 / STRIDES[level], 4, 2)
+        np.testing.assert_allclose(out[n], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [
+    "gather",
+    pytest.param("native", marks=pytest.mark.xfail(
+        reason="MindSpore 2.10's CPU ROIAlign backward returns wrong feature gradients",
+        strict=False)),
+])
+def test_roi_align_gradient_is_the_exact_adjoint(impl):
+    """RoIAlign is linear in the features, so <grad of sum(out^2), F> == 2 * sum(out^2)."""
+    rng = np.random.default_rng(2)
+    feats = random_features()[:4]
+    rois = Tensor(random_rois(rng, 30))
+    extractor = RoIExtractor(out_size=7, featmap_strides=STRIDES, finest_scale=56,
+                             sampling_ratio=2, impl=impl)
+
+    def energy(*maps):
+        return (extractor(list(maps), rois) ** 2).sum()
+
+    grads = ms.grad(energy, grad_position=(0, 1, 2, 3))(*feats)
+    dot = sum(float((f.asnumpy() * g.asnumpy()).sum()) for f, g in zip(feats, grads))
+    np.testing.assert_allclose(dot, 2.0 * float(energy(*feats).asnumpy()), rtol=1e-4)
+
+
+def test_mask_targets_follow_the_gt_frame():
+    side = 8
+    gt_boxes = np.array([[[10.0, 20, 50, 40], [0, 0, 0, 0]]], np.float32)
+    gt_masks = np.zeros((1, 2, side, side), np.uint8)
+    gt_masks[0, 0, :, : side // 2] = 1  # left half of the GT box is foreground
+    rois = np.array([[[10.0, 20, 50, 40], [10, 20, 30, 40], [30, 20, 50, 40]]], np.float32)
+    targets = build_mask_targets(Tensor(rois), Tensor(np.zeros((1, 3), np.int32)),
+                                 Tensor(gt_boxes), Tensor(gt_masks), mask_size=4,
+                                 sampling_ratio=2).asnumpy()
+    np.testing.assert_array_equal(targets[0], [[1, 1, 0, 0]] * 4)  # whole box: left half
+    np.testing.assert_array_equal(targets[1], np.ones((4, 4)))      # left half: all foreground
+    np.testing.assert_array_equal(targets[2], np.zeros((4, 4)))     # right half: background
+
+
+def test_bbox_head_losses():
+    head = Shared2FCBBoxHead(in_channels=CHANNELS, roi_feat_size=7, fc_out_channels=16,
+                             num_classes=NUM_CLASSES)
+    feats = Tensor(np.random.default_rng(3).standard_normal((6, CHANNELS, 7, 7)).astype(np.float32))
+    cls_logits, deltas = head(feats)
+    assert cls_logits.shape == (6, NUM_CLASSES + 1) and deltas.shape == (6, NUM_CLASSES, 4)
+    labels = Tensor(np.array([1, 3, 0, 0, 2, 0], np.int32))
+    valid = Tensor(np.array([True, True, True, True, True, False]))
+    positive = Tensor(np.array([True, True, False, False, True, False]))
+    targets = head.select_class_deltas(deltas, labels)
+    perfect = head.loss(cls_logits, deltas, labels, targets, valid, positive)
+    assert float(perfect.loss_bbox.asnumpy()) < 1e-7
+    shifted = head.loss(cls_logits, deltas, labels, targets + 1.0, valid, positive)
+    # L1 of 1.0 on 3 positives x 4 coordinates, divided by 5 valid samples
+    np.testing.assert_allclose(float(shifted.loss_bbox.asnumpy()), 12.0 / 5.0, rtol=1e-5)
+    assert np.isfinite(perfect.loss_cls.asnumpy())
+
+
+def make_roi_heads(num=32, max_per_img=10, score_thr=0.05):
+    def extractor(size):
+        return RoIExtractor(out_size=size, featmap_strides=STRIDES, finest_scale=56,
+                            sampling_ratio=2, impl="gather")
+
+    return StandardRoIHeads(
+        bbox_roi_extractor=extractor(7),
+        bbox_head=Shared2FCBBoxHead(in_channels=CHANNELS, roi_feat_size=7, fc_out_channels=16,
+                                    num_classes=NUM_CLASSES),
+        bbox_coder=DeltaXYWHBoxCoder(stds=(0.1, 0.1, 0.2, 0.2)),
+        mask_roi_extractor=extractor(14),
+        mask_head=FCNMaskHead(in_channels=CHANNELS, num_convs=2, conv_out_channels=CHANNELS,
+                              roi_feat_size=14, mask_size=28, num_classes=NUM_CLASSES),
+        assigner=MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
+                                ignore_iof_thr=0.5),
+        sampler=RandomSampler(num=num, pos_fraction=0.25, add_gt_as_proposals=True, seed=4),
+        mask_max_pos=6, score_thr=score_thr, iou_threshold=0.5, max_per_img=max_per_img)
+
+
+def train_inputs(all_padding=False):
+    rng = np.random.default_rng(5)
+    proposals = random_rois(rng, 40, batch=1)[:, 1:].reshape(2, 20, 4)
+    proposals = np.clip(proposals, 0, IMAGE)
+    prop_valid = np.ones((2, 20), bool)
+    prop_valid[1, 15:] = False
+    gt_boxes = np.array([[[8, 8, 40, 40], [30, 10, 60, 30], [0, 0, 0, 0]],
+                         [[4, 30, 30, 60], [0, 0, 64, 20], [0, 0, 0, 0]]], np.float32)
+    gt_labels = np.array([[1, 3, 0], [2, 1, 0]], np.int32)
+    gt_valid = np.array([[True, True, False], [True, True, False]])
+    gt_crowd = np.array([[False, False, False], [False, True, False]])
+    if all_padding:
+        gt_boxes[:] = 0
+        gt_labels[:] = 0
+        gt_valid[:] = False
+        gt_crowd[:] = False
+    gt_masks = np.ones((2, 3, 16, 16), np.uint8)
+    meta = np.tile(np.array([[0, IMAGE, IMAGE, IMAGE, IMAGE]], np.float32), (2, 1))
+    return [Tensor(x) for x in (meta, proposals, prop_valid, gt_boxes, gt_labels, gt_masks,
+                                gt_valid, gt_crowd)]
+
+
+@pytest.mark.parametrize("all_padding", [False, True])
+def test_roi_heads_train_losses_and_gradients(all_padding):
+    heads = make_roi_heads()
+    feats = random_features()
+    inputs = train_inputs(all_padding)
+
+    def total(*maps):
+        losses = heads.forward_train(list(maps), *inputs)
+        assert set(losses) == {"loss_cls", "loss_bbox", "loss_mask"}
+        return losses["loss_cls"] + losses["loss_bbox"] + losses["loss_mask"], losses
+
+    (value, losses), grads = ms.value_and_grad(total, (0, 1, 2, 3, 4), None, has_aux=True)(*feats)
+    assert all(np.isfinite(v.asnumpy()) for v in losses.values())
+    assert all(np.isfinite(g.asnumpy()).all() for g in grads)
+    assert float(np.abs(grads[0].asnumpy()).sum()) > 0  # features receive gradient
+    if all_padding:
+        assert float(losses["loss_bbox"].asnumpy()) == 0.0
+        assert float(losses["loss_mask"].asnumpy()) == 0.0
+    else:
+        assert float(losses["loss_bbox"].asnumpy()) > 0.0
+        assert float(losses["loss_mask"].asnumpy()) > 0.0
+
+
+def set_constant_box_head(heads, class_logits):
+    """Make the box head ignore its input: fixed class logits, zero deltas."""
+    head = heads.bbox_head
+    for cell in (head.fc_cls, head.fc_reg):
+        cell.weight.set_data(Tensor(np.zeros(cell.weight.shape, np.float32)))
+    head.fc_cls.bias.set_data(Tensor(np.asarray(class_logits, np.float32)))
+    head.fc_reg.bias.set_data(Tensor(np.zeros(head.fc_reg.bias.shape, np.float32)))
+
+
+def test_forward_test_shapes_and_class_aware_nms():
+    heads = make_roi_heads(max_per_img=10)
+    # class 1 is confident, class 3 is above score_thr, class 2 is below it
+    set_constant_box_head(heads, [0.0, 5.0, -5.0, 3.5])
+    proposals = np.zeros((2, 4, 4), np.float32)
+    proposals[:, 0] = [10, 10, 30, 30]
+    proposals[:, 1] = [11, 11, 31, 31]   # IoU ~0.82 with the first: suppressed per class
+    proposals[:, 2] = [40, 40, 60, 60]
+    prop_valid = np.array([[True, True, True, False], [True, False, False, False]])
+    meta = Tensor(np.tile(np.array([[0, IMAGE, IMAGE, IMAGE, IMAGE]], np.float32), (2, 1)))
+    dets = heads.forward_test(random_features(), meta, Tensor(proposals), Tensor(prop_valid))
+    assert dets.boxes.shape == (2, 10, 4) and dets.boxes.dtype == ms.float32
+    assert dets.scores.shape == (2, 10) and dets.labels.dtype == ms.int32
+    assert dets.valid.dtype == ms.bool_ and dets.masks.shape == (2, 10, 28, 28)
+    valid, labels, boxes = dets.valid.asnumpy(), dets.labels.asnumpy(), dets.boxes.asnumpy()
+    # image 0: two boxes survive NMS in each of classes 1 and 3; image 1: one box per class
+    assert valid[0].sum() == 4 and valid[1].sum() == 2
+    assert sorted(labels[0][valid[0]].tolist()) == [1, 1, 3, 3]
+    assert sorted(labels[1][valid[1]].tolist()) == [1, 3]
+    np.testing.assert_allclose(boxes[0, 0], [10, 10, 30, 30], atol=1e-4)
+    scores = dets.scores.asnumpy()
+    assert np.all(np.diff(scores[0][valid[0]]) <= 0)
+    assert np.all(scores[~valid] == 0) and np.all(dets.masks.asnumpy()[~valid] == 0)
+    masks = dets.masks.asnumpy()[valid]
+    assert masks.min() >= 0 and masks.max() <= 1
