@@ -58,7 +58,7 @@ def _build_backbone(backbone_cfg: Mapping[str, Any], *, conv_impl: str) -> ResNe
 
 def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any], *,
                    num_classes: int, conv_impl: str, seed: int = 0,
-                   roi_align_impl: str = DEFAULT_ROI_ALIGN_IMPL) -> MaskRCNN:
+                   roi_align_impl: str = DEFAULT_ROI_ALIGN_IMPL, trim_empty_slots: bool = False) -> MaskRCNN:
     """Mask R-CNN from the ``detector`` and ``backbone`` config sections.
 
     Args:
@@ -69,6 +69,8 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
         conv_impl: "native" | "unfold" for every convolution.
         seed: seeds the RPN and RCNN samplers' random ops.
         roi_align_impl: "gather" (default) | "native" (``ops.ROIAlign``).
+        trim_empty_slots: mask branch on the real positives/detections only (PyNative; see
+            ``StandardRoIHeads``). Off for graph mode, which needs fixed shapes.
     """
     if detector_cfg["name"] != "mask_rcnn":
         raise ValueError(f"detector.name: only 'mask_rcnn' is built here, got "
@@ -144,6 +146,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
                               add_gt_as_proposals=bool(rcnn_sampler_cfg["add_gt_as_proposals"]),
                               seed=seed + RCNN_SAMPLER_SEED_OFFSET),
         mask_max_pos=int(rcnn_train["mask_max_pos"]),
+        trim_empty_slots=trim_empty_slots,
         score_thr=float(rcnn_test["score_thr"]),
         iou_threshold=float(rcnn_test["iou_threshold"]),
         max_per_img=int(rcnn_test["max_per_img"]),

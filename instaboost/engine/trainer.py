@@ -25,7 +25,7 @@ class LoopSettings:
     batch_size: int
     log_every_steps: int
     ckpt_every_steps: int
-    eval_every_epochs: int    # 0 = evaluate only after the last step
+    eval_every_epochs: int    # evaluation also always runs after the last step
 
 
 def format_eta(seconds: float) -> str:

@@ -46,8 +46,10 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     label_to_category = {label: categories.to_coco_id(label) for label in label_names}
     tracker.log_image(sample_grid(train_source, augment, cfg.seed, label_names), "augmentation/samples.png")
 
+    # Graph mode needs fixed shapes; in PyNative the mask branch skips empty slots.
     network = build_detector(cfg.detector, cfg.backbone, num_classes=categories.num_classes,
-                             conv_impl=cfg.hardware.conv_impl)
+                             conv_impl=cfg.hardware.conv_impl, seed=cfg.seed,
+                             trim_empty_slots=not cfg.hardware.jit)
     schedule = cfg.schedule
     train_data = build_train_dataset(train_source, augment=augment, **data_arguments(cfg), seed=cfg.seed)
     eval_data = build_eval_dataset(val_source, batch_size=schedule.batch_size,
