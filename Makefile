@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) run.py
+	$(PY) run.py experiment=demo
 
 # pytest exits 5 when it collected no test: that is a failure here, as is any other non-zero code.
 test: $(STAMP)

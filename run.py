@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,12 @@ def _interrupt_on_sigterm(signum: int, frame: object) -> None:
 
 
 # Absolute path of ./conf: also found when run.py is imported as a module (tests).
+def _mlflow_command() -> str:
+    """The mlflow CLI of this interpreter's environment (make demo's .venv is not on PATH)."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.is_file() else "mlflow"
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     validate(cfg)

@@ -65,7 +65,7 @@ def main() -> int:
         names = write_subset(tmp / "subset")
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         overrides = [
-            "dataset=coco_folder", f"dataset.train_root={tmp / 'subset'}", "augmentation=none",
+            "experiment=demo", "dataset=coco_folder", f"dataset.train_root={tmp / 'subset'}", "augmentation=none",
             "dataset.flip_ratio=0.0", "schedule=demo", "schedule.img_height=256", "schedule.img_width=256",
             "schedule.epochs=10000", f"schedule.max_steps={args.steps}", "schedule.base_lr=0.02",
             "schedule.base_batch_size=2", "schedule.batch_size=2", "schedule.warmup_steps=50",

@@ -26,6 +26,7 @@ from instaboost.config import CONFIG_DIR
 
 # A config that trains in seconds: 2 steps of batch 1 at 128x128 on a 4-image demo dataset.
 SMOKE_OVERRIDES = [
+    "experiment=demo",
     "schedule=smoke",
     "hardware=cpu",
     "hardware.num_workers=1",
