@@ -1,12 +1,649 @@
-"""Convolution factory. Temporary native-only version: the unfold CPU path replaces it."""
-from mindspore import nn
+"""Convolution factory with a fast CPU path ("unfold") next to MindSpore's native kernels.
+
+MindSpore 2.10's native CPU 3x3 convolution runs at about 1 GFLOP/s (0.5-1.3 measured),
+forward and backward alike. ``impl="unfold"`` computes the same convolution with row gathers
+(im2col) and matrix products, which run at matmul speed. Both implementations hold the same
+parameters under the same names and shapes (``weight`` (O, C/groups, kh, kw), ``bias`` (O,);
+for the 2x2 deconvolution ``weight`` (C, O, 2, 2) like ``nn.Conv2dTranspose``), so checkpoints
+move freely between them.
+
+The unfold path (NCHW in, NCHW out, float32) is designed around what is fast on MindSpore's CPU
+backend: matmuls in any transposition, ``ops.gather`` of whole rows along axis 0 (several GB/s),
+concatenation of contiguous blocks; and around what is slow there: materialising strided views
+(transposes, stepped slices, pads copy at a few hundred MB/s).
+
+* Per chunk of images, the input is transposed once into a *row table*
+  ``(G*n*H*W + 1, C/G)``: one row per pixel (and group) with its channels contiguous, plus a
+  trailing zero row that stands for padding.
+* A cached int32 index names, for every output pixel and kernel tap, the row it reads.
+  ``ops.gather`` copies those rows into the patch matrix ``P`` (rows = output pixels,
+  columns = (tap_y, tap_x, channel)).
+* Forward ``Y (O, pixels) = Wm · Pᵀ`` is already NCHW (no output transpose); with several
+  images per matmul the (O, image, pixel) result is put back in image order with one row gather.
+* A custom ``bprop`` recomputes ``P`` instead of keeping it alive between forward and backward,
+  computes ``dW = dY · P`` and ``dP = dYᵀ · Wm`` straight from the NCHW output gradient, and
+  scatters ``dP`` onto the row table with ``unsorted_segment_sum`` over the same index (the
+  adjoint of the gather); one transpose brings the table gradient back to NCHW. Nothing runs
+  through the native convolution kernels, forward or backward.
+* Work is split into chunks (several small images, one image, or one image and a subset of the
+  kernel taps) so that one patch matrix stays below ``PATCH_CHUNK_BYTES``.
+* 1x1 convolutions skip the gather: ``Y = W · X`` on the NCHW tensor (small images batched with
+  row-gather re-ordering); stride 2 first subsamples with ``ops.strided_slice``.
+* The 2x2 stride-2 deconvolution is one matmul to all four sub-pixel maps, one row gather and a
+  0/1 interleave matmul (no 6-D transpose), with an exact adjoint as backward.
+
+Graph mode: the forward of every unfold cell compiles under ``ms.jit``, and so does the backward
+of the deconvolution; the convolution backward does not (MindSpore 2.10's graph compiler fails on
+the shape-dependent branches of its bprop), so train steps using them run in PyNative mode.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, NamedTuple, Sequence, Tuple, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import HeUniform, Uniform, initializer
+
+CONV_IMPLS = ("native", "unfold")
+
+# nn.Conv2d's default weight init in MindSpore 2.10: HeUniform(negative_slope=sqrt(5)); bias
+# Uniform(1/sqrt(fan_in)).
+_HE_UNIFORM_NEGATIVE_SLOPE = math.sqrt(5)
+# Upper bound (bytes) of one patch matrix of the unfold path.
+PATCH_CHUNK_BYTES = 192 * 1024 * 1024
+# Images with at least this many output pixels get their own matmul (no re-ordering gathers);
+# smaller images are batched into one matmul up to PATCH_CHUNK_BYTES.
+MIN_PIXELS_PER_MATMUL = 1024
+_FLOAT32_BYTES = 4
+_INDEX_CACHE_SIZE = 512
+
+IntOrPair = Union[int, Tuple[int, int]]
 
 
-def build_conv2d(in_channels, out_channels, kernel_size, *, stride=1, padding=0, groups=1,
-                 has_bias=False, impl="native"):
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
-                     padding=padding, group=groups, has_bias=has_bias)
+def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    """Return ``(value, value)`` for an int, the pair itself for a 2-sequence."""
+    if isinstance(value, int):
+        return (value, value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
 
 
-def build_deconv2x2(in_channels, out_channels, *, impl="native"):
-    return nn.Conv2dTranspose(in_channels, out_channels, 2, stride=2, has_bias=True)
+def _check_impl(impl: str) -> None:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial output size of a convolution along one axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def subsample(x: Tensor, stride: Tuple[int, int]) -> Tensor:
+    """x[:, :, ::sh, ::sw] for NCHW x, differentiable on CPU.
+
+    Uses the ``StridedSlice`` primitive: in MindSpore 2.10 the gradient of a stepped slice *view*
+    (``x[:, :, ::2, ::2]``) fails on CPU, and ``max_pool2d(kernel 1, stride 2)`` has a
+    pathologically slow backward (tens of seconds for a 32 MB map).
+    """
+    if tuple(stride) == (1, 1):
+        return x
+    return ops.strided_slice(x, (0, 0, 0, 0), tuple(x.shape), (1, 1) + tuple(stride))
+
+
+# --------------------------------------------------------------------------------------------
+# Work plan: which images / taps go into one matmul, with their cached gather indices
+# --------------------------------------------------------------------------------------------
+class _Chunk(NamedTuple):
+    """One matmul's worth of work: images ``first .. first+count-1``, kernel taps
+    ``taps[0] .. taps[0]+taps[1]-1``.
+
+    index: int32 (G*count*pixels*tap_count,) rows of the chunk's own row table (its ``count``
+        images, see `_to_row_table`), ordered (group, image, output pixel, tap); None for 1x1
+        convolutions (no gather). Chunks with the same count and taps share one index.
+    to_images: int32 row permutation (G*Og*count,) that turns (G, Og, count, P) into
+        (count, G, Og, P); None when count == 1.
+    to_groups: the inverse permutation ((count, G, Og) rows -> (G, Og, count)); None if count==1.
+    in_to_images, in_to_groups: the same two permutations over input channels (G, Cg, count),
+        used by 1x1 convolutions.
+    """
+
+    first: int
+    count: int
+    taps: Tuple[int, int]
+    index: Union[Tensor, None]
+    to_images: Union[Tensor, None]
+    to_groups: Union[Tensor, None]
+    in_to_images: Union[Tensor, None]
+    in_to_groups: Union[Tensor, None]
+
+
+class _Plan(NamedTuple):
+    out_h: int
+    out_w: int
+    chunks: Tuple[_Chunk, ...]
+
+
+@functools.lru_cache(maxsize=_INDEX_CACHE_SIZE)
+def _patch_index(groups: int, count: int, height: int, width: int, kernel: Tuple[int, int],
+                 stride: Tuple[int, int], padding: Tuple[int, int],
+                 taps: Tuple[int, int]) -> Tensor:
+    """Row-table index of every (group, image, output pixel, tap) of ``count`` images.
+
+    The row table holds ``groups*count*height*width`` pixel rows ordered (group, image, y, x)
+    followed by one zero row (index ``groups*count*height*width``) used for padding.
+
+    Returns:
+        int32 Tensor (G * count * Ho*Wo * tap_count,), ordered (group, image, pixel, tap).
+    """
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = padding
+    out_h = conv_output_size(height, kh, sh, ph)
+    out_w = conv_output_size(width, kw, sw, pw)
+    ys = np.arange(out_h)[:, None] * sh - ph + np.arange(kh)[None, :]      # (Ho, kh)
+    xs = np.arange(out_w)[:, None] * sw - pw + np.arange(kw)[None, :]      # (Wo, kw)
+    valid = (((ys >= 0) & (ys < height))[:, None, :, None]
+             & ((xs >= 0) & (xs < width))[None, :, None, :])                # (Ho, Wo, kh, kw)
+    pixel = ys[:, None, :, None] * width + xs[None, :, None, :]
+    pixel = pixel.reshape(out_h * out_w, kh * kw)[:, taps[0]:taps[0] + taps[1]]
+    valid = valid.reshape(out_h * out_w, kh * kw)[:, taps[0]:taps[0] + taps[1]]
+    zero_row = groups * count * height * width
+    base = np.arange(groups * count).reshape(groups, count) * (height * width)
+    index = base[:, :, None, None] + pixel[None, None]                     # (G, n, HoWo, t)
+    index = np.where(valid[None, None], index, zero_row)
+    return Tensor(index.reshape(-1).astype(np.int32))
+
+
+@functools.lru_cache(maxsize=_INDEX_CACHE_SIZE)
+def _permutations(groups: int, out_per_group: int, count: int):
+    """Row permutations between (G, Og, count) and (count, G, Og) orderings (None if count 1)."""
+    if count == 1:
+        return None, None
+    g, o, i = np.meshgrid(np.arange(groups), np.arange(out_per_group), np.arange(count),
+                          indexing="ij")
+    group_major = ((g * out_per_group + o) * count + i)                   # position in (G,Og,n)
+    image_major = ((i * groups + g) * out_per_group + o)                  # position in (n,G,Og)
+    to_images = np.empty(group_major.size, np.int32)
+    to_images[image_major.reshape(-1)] = group_major.reshape(-1)
+    to_groups = np.empty(group_major.size, np.int32)
+    to_groups[group_major.reshape(-1)] = image_major.reshape(-1)
+    return Tensor(to_images), Tensor(to_groups)
+
+
+@functools.lru_cache(maxsize=_INDEX_CACHE_SIZE)
+def _make_plan(groups: int, batch: int, height: int, width: int, channels_per_group: int,
+               out_per_group: int, kernel: Tuple[int, int], stride: Tuple[int, int],
+               padding: Tuple[int, int], chunk_bytes: int) -> _Plan:
+    """Split a convolution into matmul chunks under ``chunk_bytes`` of patches each.
+
+    Images with at least MIN_PIXELS_PER_MATMUL output pixels get their own chunks (split further
+    by kernel taps when one image's patches exceed ``chunk_bytes``); smaller images are batched.
+    """
+    kh, kw = kernel
+    out_h = conv_output_size(height, kh, stride[0], padding[0])
+    out_w = conv_output_size(width, kw, stride[1], padding[1])
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"input {height}x{width} is smaller than kernel {kernel} "
+                         f"with padding {padding}")
+    pixels = out_h * out_w
+    taps = kh * kw
+    pointwise = kernel == (1, 1) and padding == (0, 0)
+    tap_bytes = groups * pixels * channels_per_group * _FLOAT32_BYTES
+    image_bytes = tap_bytes * taps
+    ranges: List[Tuple[int, int, Tuple[int, int]]] = []
+    if pixels >= MIN_PIXELS_PER_MATMUL or batch == 1:
+        tap_ranges = [(0, taps)]
+        if image_bytes > chunk_bytes and not pointwise:
+            per_chunk = max(1, chunk_bytes // tap_bytes)
+            tap_ranges = [(t, min(per_chunk, taps - t)) for t in range(0, taps, per_chunk)]
+        ranges = [(image, 1, tap_range) for image in range(batch) for tap_range in tap_ranges]
+    else:
+        per_chunk = batch if pointwise else max(1, min(batch, chunk_bytes // image_bytes))
+        ranges = [(first, min(per_chunk, batch - first), (0, taps))
+                  for first in range(0, batch, per_chunk)]
+    chunks = []
+    for first, count, tap_range in ranges:
+        index = None if pointwise else _patch_index(groups, count, height, width, kernel,
+                                                    stride, padding, tap_range)
+        to_images, to_groups = _permutations(groups, out_per_group, count)
+        in_to_images, in_to_groups = (_permutations(groups, channels_per_group, count)
+                                      if pointwise else (None, None))
+        chunks.append(_Chunk(first, count, tap_range, index, to_images, to_groups,
+                             in_to_images, in_to_groups))
+    return _Plan(out_h, out_w, tuple(chunks))
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers
+# --------------------------------------------------------------------------------------------
+def _to_row_table(x: Tensor, groups: int) -> Tensor:
+    """(n, C, H, W) -> row table (G*n*H*W + 1, C/G) ordered (group, image, pixel); last row 0."""
+    n, c, h, w = x.shape
+    cg = c // groups
+    if groups == 1:
+        rows = ops.transpose(x.reshape(n, c, h * w), (0, 2, 1)).reshape(n * h * w, c)
+    else:
+        rows = ops.transpose(x.reshape(n, groups, cg, h * w), (1, 0, 3, 2))
+        rows = rows.reshape(groups * n * h * w, cg)
+    return ops.concat([rows, ops.zeros((1, cg), x.dtype)], 0)
+
+
+def _row_table_to_nchw(table: Tensor, groups: int, n: int, c: int, h: int, w: int) -> Tensor:
+    """Inverse of `_to_row_table` (drops the zero row): -> (N, C, H, W)."""
+    cg = c // groups
+    rows = table[:-1]
+    if groups == 1:
+        out = ops.transpose(rows.reshape(n, h * w, c), (0, 2, 1))
+    else:
+        out = ops.transpose(rows.reshape(groups, n, h * w, cg), (1, 0, 3, 2))
+    return out.reshape(n, c, h, w)
+
+
+def _weight_matrix(weight: Tensor, groups: int, taps: Tuple[int, int]) -> Tensor:
+    """(O, Cg, kh, kw) -> (G, Og, tap_count*Cg), columns ordered (tap, channel)."""
+    o, cg, kh, kw = weight.shape
+    og = o // groups
+    wmat = ops.transpose(weight.reshape(groups, og, cg, kh * kw), (0, 1, 3, 2))
+    if taps != (0, kh * kw):
+        wmat = wmat[:, :, taps[0]:taps[0] + taps[1]]
+    return wmat.reshape(groups, og, taps[1] * cg)
+
+
+def _weight_from_matrix(wmat: Tensor, groups: int, cg: int, kernel: Tuple[int, int]) -> Tensor:
+    """Inverse of `_weight_matrix` over all taps: (G, Og, kh*kw*Cg) -> (O, Cg, kh, kw)."""
+    kh, kw = kernel
+    og = wmat.shape[1]
+    w4 = ops.transpose(wmat.reshape(groups, og, kh * kw, cg), (0, 1, 3, 2))
+    return w4.reshape(groups * og, cg, kh, kw)
+
+
+def _matmul(a: Tensor, b: Tensor, transpose_a: bool = False, transpose_b: bool = False) -> Tensor:
+    """Matrix product over a leading group axis (2-D MatMul when there is one group)."""
+    if a.shape[0] == 1:
+        out = ops.MatMul(transpose_a, transpose_b)(a[0], b[0])
+        return out.reshape((1,) + out.shape)
+    return ops.BatchMatMul(transpose_a, transpose_b)(a, b)
+
+
+def _reorder_rows(x: Tensor, permutation: Union[Tensor, None], shape: Tuple[int, ...]) -> Tensor:
+    """Gather whole rows of a (rows, P) view of ``x`` and reshape; identity when None."""
+    if permutation is None:
+        return x.reshape(shape)
+    return ops.gather(x.reshape(-1, x.shape[-1]), permutation, 0).reshape(shape)
+
+
+def _output_to_group_major(dout: Tensor, chunk: _Chunk, groups: int) -> Tensor:
+    """dY of a chunk's images (count, O, P) -> (G, Og, count*P)."""
+    count, o, pixels = dout.shape
+    rows = _reorder_rows(dout.reshape(count * o, pixels), chunk.to_groups,
+                         (groups * (o // groups) * count, pixels))
+    return rows.reshape(groups, o // groups, count * pixels)
+
+
+def _group_major_to_output(y: Tensor, chunk: _Chunk, pixels: int,
+                           inputs: bool = False) -> Tensor:
+    """(G, Og, count*P) -> (count, O, P) (over input channels when ``inputs``)."""
+    g, og, _ = y.shape
+    permutation = chunk.in_to_images if inputs else chunk.to_images
+    rows = _reorder_rows(y.reshape(g * og * chunk.count, pixels), permutation,
+                         (chunk.count * g * og, pixels))
+    return rows.reshape(chunk.count, g * og, pixels)
+
+
+def _sum(parts: List[Tensor]) -> Tensor:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable kernels (custom bprop; the weight is an input, the cells hold no parameters)
+# --------------------------------------------------------------------------------------------
+class _UnfoldConvFunction(nn.Cell):
+    """y = conv2d(x, weight) by row gather + matmul, with a recomputing custom backward.
+
+    Inputs: x float32 (N, C, H, W), weight float32 (O, C/G, kh, kw).
+    Output: float32 (N, O, Ho, Wo).
+    """
+
+    def __init__(self, kernel: Tuple[int, int], stride: Tuple[int, int],
+                 padding: Tuple[int, int], groups: int, chunk_bytes: int = PATCH_CHUNK_BYTES):
+        super().__init__()
+        self.kernel = kernel
+        self.stride = stride
+        self.padding = padding
+        self.groups = groups
+        self.chunk_bytes = chunk_bytes
+        # False: the input never needs a gradient (e.g. the image); bprop returns zeros for it
+        # and skips dP and the scatter.
+        self.input_grad = True
+
+    def _plan(self, x: Tensor, weight: Tensor) -> _Plan:
+        n, c, h, w = x.shape
+        return _make_plan(self.groups, n, h, w, c // self.groups, weight.shape[0] // self.groups,
+                          self.kernel, self.stride, self.padding, self.chunk_bytes)
+
+    def _patches(self, table: Tensor, chunk: _Chunk, cg: int) -> Tensor:
+        """(G, count*pixels, tap_count*Cg) patch matrix of one chunk."""
+        return ops.gather(table, chunk.index, 0).reshape(self.groups, -1, chunk.taps[1] * cg)
+
+    def construct(self, x: Tensor, weight: Tensor) -> Tensor:
+        n, c, _, _ = x.shape
+        cg = c // self.groups
+        plan = self._plan(x, weight)
+        pixels = plan.out_h * plan.out_w
+        outputs = []
+        table = None
+        for i, chunk in enumerate(plan.chunks):
+            if i == 0 or chunk.first != plan.chunks[i - 1].first:
+                table = _to_row_table(x[chunk.first:chunk.first + chunk.count], self.groups)
+            wmat = _weight_matrix(weight, self.groups, chunk.taps)
+            y = _matmul(wmat, self._patches(table, chunk, cg), transpose_b=True)   # (G,Og,nP)
+            y = _group_major_to_output(y, chunk, pixels)                            # (n, O, P)
+            if i > 0 and chunk.first == plan.chunks[i - 1].first:
+                outputs[-1] = outputs[-1] + y          # another tap range of the same image
+            else:
+                outputs.append(y)
+        out = outputs[0] if len(outputs) == 1 else ops.concat(outputs, 0)
+        return out.reshape(n, weight.shape[0], plan.out_h, plan.out_w)
+
+    def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
+        n, c, h, w = x.shape
+        cg = c // self.groups
+        plan = self._plan(x, weight)
+        pixels = plan.out_h * plan.out_w
+        dout = dout.reshape(n, weight.shape[0], pixels)
+        dweights = {}
+        dxs = []
+        dtable = None
+        table = None
+        last = len(plan.chunks) - 1
+        for i, chunk in enumerate(plan.chunks):
+            first, count = chunk.first, chunk.count
+            new_images = i == 0 or first != plan.chunks[i - 1].first
+            if new_images:
+                table = _to_row_table(x[first:first + count], self.groups)
+            wmat = _weight_matrix(weight, self.groups, chunk.taps)               # (G, Og, K)
+            dy = _output_to_group_major(dout[first:first + count], chunk, self.groups)
+            patches = self._patches(table, chunk, cg)                              # (G, m, K)
+            dw = _matmul(dy, patches)                                              # (G, Og, K)
+            dweights[chunk.taps] = dw if chunk.taps not in dweights else dweights[chunk.taps] + dw
+            if not self.input_grad:
+                continue
+            dpatches = _matmul(dy, wmat, transpose_a=True)                         # (G, m, K)
+            part = ops.unsorted_segment_sum(dpatches.reshape(-1, cg), chunk.index,
+                                            table.shape[0])
+            dtable = part if new_images else dtable + part
+            if i == last or plan.chunks[i + 1].first != first:
+                dxs.append(_row_table_to_nchw(dtable, self.groups, count, c, h, w))
+        if self.input_grad:
+            dx = dxs[0] if len(dxs) == 1 else ops.concat(dxs, 0)
+        else:
+            dx = ops.zeros_like(x)
+        by_tap = [dweights[taps] for taps in sorted(dweights)]
+        dwmat = by_tap[0] if len(by_tap) == 1 else ops.concat(by_tap, 2)
+        return dx, _weight_from_matrix(dwmat, self.groups, cg, self.kernel)
+
+
+class _PointwiseConvFunction(nn.Cell):
+    """1x1 stride-1 convolution as matmuls on the NCHW tensor (no layout change).
+
+    Inputs: x float32 (N, C, H, W), weight float32 (O, C/G, 1, 1). Output (N, O, H, W).
+    """
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def _plan(self, x: Tensor, weight: Tensor) -> _Plan:
+        n, c, h, w = x.shape
+        return _make_plan(self.groups, n, h, w, c // self.groups, weight.shape[0] // self.groups,
+                          (1, 1), (1, 1), (0, 0), PATCH_CHUNK_BYTES)
+
+    def _inputs(self, x: Tensor, chunk: _Chunk) -> Tensor:
+        """x of a chunk's images (count, C, P) -> (G, Cg, count*P)."""
+        xs = x[chunk.first:chunk.first + chunk.count]
+        count, c, pixels = xs.shape
+        rows = _reorder_rows(xs.reshape(count * c, pixels), chunk.in_to_groups,
+                             (c * count, pixels))
+        return rows.reshape(self.groups, c // self.groups, count * pixels)
+
+    def construct(self, x: Tensor, weight: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        o = weight.shape[0]
+        plan = self._plan(x, weight)
+        x3 = x.reshape(n, c, h * w)
+        wmat = weight.reshape(self.groups, o // self.groups, c // self.groups)
+        outputs = [_group_major_to_output(_matmul(wmat, self._inputs(x3, chunk)), chunk, h * w)
+                   for chunk in plan.chunks]
+        out = outputs[0] if len(outputs) == 1 else ops.concat(outputs, 0)
+        return out.reshape(n, o, h, w)
+
+    def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
+        n, c, h, w = x.shape
+        o = weight.shape[0]
+        plan = self._plan(x, weight)
+        x3 = x.reshape(n, c, h * w)
+        dout = dout.reshape(n, o, h * w)
+        wmat = weight.reshape(self.groups, o // self.groups, c // self.groups)
+        dxs = []
+        dweights = []
+        for chunk in plan.chunks:
+            dy = _output_to_group_major(dout[chunk.first:chunk.first + chunk.count], chunk,
+                                        self.groups)                               # (G, Og, m)
+            dweights.append(_matmul(dy, self._inputs(x3, chunk), transpose_b=True))  # (G,Og,Cg)
+            dx = _matmul(wmat, dy, transpose_a=True)                               # (G, Cg, m)
+            dxs.append(_group_major_to_output(dx, chunk, h * w, inputs=True))
+        dx = dxs[0] if len(dxs) == 1 else ops.concat(dxs, 0)
+        return dx.reshape(n, c, h, w), _sum(dweights).reshape(weight.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Public cells
+# --------------------------------------------------------------------------------------------
+def _init_weight_and_bias(cell: nn.Cell, weight_shape: Sequence[int], fan_in: int,
+                          has_bias: bool, bias_size: int) -> None:
+    """Create ``weight``/``bias`` Parameters initialised exactly like MindSpore's nn.Conv2d."""
+    cell.weight = Parameter(initializer(HeUniform(_HE_UNIFORM_NEGATIVE_SLOPE), list(weight_shape),
+                                        ms.float32), name="weight")
+    if has_bias:
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        cell.bias = Parameter(initializer(Uniform(bound), [bias_size], ms.float32), name="bias")
+    else:
+        cell.bias = None
+
+
+class UnfoldConv2d(nn.Cell):
+    """2-D convolution (NCHW) computed by im2col + matmul; drop-in for ``nn.Conv2d``.
+
+    Parameters: ``weight`` float32 (O, C/groups, kh, kw), ``bias`` float32 (O,) when has_bias.
+    Input float32 (N, C, H, W) -> output float32 (N, O, Ho, Wo),
+    Ho = (H + 2*pad - kh) // stride + 1. ``chunk_bytes`` bounds the patch matrix of one matmul.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, *,
+                 stride: IntOrPair = 1, padding: IntOrPair = 0, groups: int = 1,
+                 has_bias: bool = False, chunk_bytes: int = PATCH_CHUNK_BYTES):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must "
+                             f"be divisible by groups {groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.groups = groups
+        self.has_bias = has_bias
+        kh, kw = self.kernel_size
+        _init_weight_and_bias(self, (out_channels, in_channels // groups, kh, kw),
+                              in_channels // groups * kh * kw, has_bias, out_channels)
+        # A 1x1 convolution without padding is a strided subsampling + a pointwise matmul.
+        self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        self.function = (_PointwiseConvFunction(groups) if self.pointwise else
+                         _UnfoldConvFunction(self.kernel_size, self.stride, self.padding, groups,
+                                             chunk_bytes))
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.pointwise:
+            x = subsample(x, self.stride)
+        y = self.function(x, self.weight)
+        if self.bias is not None:
+            y = ops.bias_add(y, self.bias)
+        return y
+
+    def extend_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"groups={self.groups}, has_bias={self.has_bias}")
+
+
+@functools.lru_cache(maxsize=_INDEX_CACHE_SIZE)
+def _deconv_operands(batch: int, channels: int, out_channels: int, height: int, width: int,
+                     factor: int):
+    """Cached permutations / interleave matrix of `_Deconv2x2Function`.
+
+    Returns Tensors: to_columns, to_images (int32 row permutations between (N, C) and (C, N)
+    orderings of the input's H*W rows; None when N == 1), to_output, to_product (int32 row
+    permutations between the product's (o, a, b, image, i) and the output's (image, o, i, a, b)
+    orderings of W-float rows) and interleave (float32 (f*W, f*W) 0/1 matrix).
+    """
+    f = factor
+    image, o, i, a, b = np.meshgrid(np.arange(batch), np.arange(out_channels), np.arange(height),
+                                    np.arange(f), np.arange(f), indexing="ij")
+    to_output = ((((o * f + a) * f + b) * batch + image) * height + i).reshape(-1).astype(np.int32)
+    to_product = np.empty_like(to_output)
+    to_product[to_output] = np.arange(to_output.size, dtype=np.int32)
+    interleave = np.zeros((f * width, f * width), np.float32)
+    j = np.arange(width)
+    for sub in range(f):
+        interleave[sub * width + j, f * j + sub] = 1.0
+    to_images, to_columns = _permutations(1, channels, batch)
+    return to_columns, to_images, Tensor(to_output), Tensor(to_product), Tensor(interleave)
+
+
+class _Deconv2x2Function(nn.Cell):
+    """Transposed convolution kernel f, stride f (no bias): x (N, C, H, W), weight (C, O, f, f)
+    -> (N, O, f*H, f*W), ``y[n, o, f*i+a, f*j+b] = sum_c x[n, c, i, j] * weight[c, o, a, b]``.
+
+    One matmul produces all f*f sub-pixel maps, ``Y (O*f*f, N*H*W) = Wᵀ · X``; one row gather
+    moves whole W-float rows into output order and a (f*W, f*W) 0/1 matmul interleaves the
+    columns (a 6-D transpose would copy the output through the slow strided-copy kernel). The
+    backward is the exact adjoint of each step.
+    """
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def _operands(self, x: Tensor, weight: Tensor):
+        n, c, h, w = x.shape
+        return _deconv_operands(n, c, weight.shape[1], h, w, self.factor)
+
+    def construct(self, x: Tensor, weight: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        f = self.factor
+        o = weight.shape[1]
+        to_columns, _, to_output, _, interleave = self._operands(x, weight)
+        columns = _reorder_rows(x.reshape(n * c, h * w), to_columns, (c, n * h * w))
+        product = ops.MatMul(transpose_a=True)(weight.reshape(c, o * f * f), columns)
+        rows = ops.gather(product.reshape(-1, w), to_output, 0).reshape(-1, f * w)
+        return ops.matmul(rows, interleave).reshape(n, o, f * h, f * w)
+
+    def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
+        n, c, h, w = x.shape
+        f = self.factor
+        o = weight.shape[1]
+        to_columns, to_images, _, to_product, interleave = self._operands(x, weight)
+        columns = _reorder_rows(x.reshape(n * c, h * w), to_columns, (c, n * h * w))
+        rows = ops.MatMul(transpose_b=True)(dout.reshape(-1, f * w), interleave)
+        dproduct = ops.gather(rows.reshape(-1, w), to_product, 0).reshape(o * f * f, n * h * w)
+        dweight = ops.MatMul(transpose_b=True)(columns, dproduct).reshape(weight.shape)
+        dcolumns = ops.matmul(weight.reshape(c, o * f * f), dproduct)              # (C, N*HW)
+        dx = _reorder_rows(dcolumns.reshape(c * n, h * w), to_images, x.shape)
+        return dx, dweight
+
+
+class UnfoldDeconv2x2(nn.Cell):
+    """Transposed convolution, kernel 2, stride 2, with bias, by matmul + row gather.
+
+    Same parameters as ``nn.Conv2dTranspose(C, O, 2, stride=2, has_bias=True)``:
+    ``weight`` float32 (C, O, 2, 2), ``bias`` float32 (O,).
+    Input float32 (N, C, H, W) -> output float32 (N, O, 2H, 2W) with
+    ``y[n, o, 2i+a, 2j+b] = sum_c x[n, c, i, j] * weight[c, o, a, b] + bias[o]``.
+    """
+
+    KERNEL = 2
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        k = self.KERNEL
+        # nn.Conv2dTranspose computes fan-in from its (C, O, k, k) weight shape as O*k*k.
+        _init_weight_and_bias(self, (in_channels, out_channels, k, k), out_channels * k * k,
+                              True, out_channels)
+        self.function = _Deconv2x2Function(k)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.bias_add(self.function(x, self.weight), self.bias)
+
+
+def disable_input_grad(conv: nn.Cell) -> nn.Cell:
+    """Declare that the input of ``conv`` never needs a gradient (e.g. it is the image).
+
+    The unfold path then skips the input-gradient computation (for the 7x7 stem that is most of
+    its backward) and returns zeros for it; weight gradients are unchanged. Native convolutions
+    are returned untouched. Returns ``conv``.
+    """
+    if isinstance(conv, UnfoldConv2d) and isinstance(conv.function, _UnfoldConvFunction):
+        conv.function.input_grad = False
+    return conv
+
+
+# --------------------------------------------------------------------------------------------
+# Factories (the only way model code builds convolutions)
+# --------------------------------------------------------------------------------------------
+def build_conv2d(in_channels: int, out_channels: int, kernel_size: IntOrPair, *,
+                 stride: IntOrPair = 1, padding: IntOrPair = 0, groups: int = 1,
+                 has_bias: bool = False, impl: str = "native") -> nn.Cell:
+    """2-D convolution on NCHW float32 tensors.
+
+    Args:
+        in_channels, out_channels: channel counts C and O.
+        kernel_size, stride, padding: int or (h, w) pair; zero padding on both sides.
+        groups: grouped convolution (C and O divisible by it).
+        has_bias: add a learned (O,) bias.
+        impl: "native" -> ``nn.Conv2d``; "unfold" -> `UnfoldConv2d` (same parameters, fast CPU).
+
+    Returns:
+        Cell mapping (N, C, H, W) -> (N, O, Ho, Wo) with parameters ``weight`` (O, C/groups,
+        kh, kw) and ``bias`` (O,) when has_bias.
+    """
+    _check_impl(impl)
+    if impl == "native":
+        pad = _pair(padding, "padding")
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                         padding=(pad[0], pad[0], pad[1], pad[1]), group=groups,
+                         has_bias=has_bias)
+    return UnfoldConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                        groups=groups, has_bias=has_bias)
+
+
+def build_deconv2x2(in_channels: int, out_channels: int, *, impl: str = "native") -> nn.Cell:
+    """Transposed convolution with kernel 2, stride 2 and bias (NCHW, doubles H and W).
+
+    Returns a Cell (N, C, H, W) -> (N, O, 2H, 2W) with parameters ``weight`` (C, O, 2, 2) and
+    ``bias`` (O,) for both impls ("native" -> ``nn.Conv2dTranspose``, "unfold" -> matmul).
+    """
+    _check_impl(impl)
+    if impl == "native":
+        return nn.Conv2dTranspose(in_channels, out_channels, UnfoldDeconv2x2.KERNEL,
+                                  stride=UnfoldDeconv2x2.KERNEL, has_bias=True)
+    return UnfoldDeconv2x2(in_channels, out_channels)

@@ -1,0 +1,4 @@
+"""Necks."""
+from instaboost.models.necks.fpn import FPN
+
+__all__ = ["FPN"]

@@ -1,0 +1,179 @@
+"""The unfold convolution path against MindSpore's native kernels (outputs and gradients)."""
+import math
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindspore.ops import primitive as ms_primitive
+
+from instaboost.models.layers.conv import (UnfoldConv2d, UnfoldDeconv2x2, build_conv2d,
+                                           build_deconv2x2, disable_input_grad, subsample)
+
+RTOL = 1e-4
+SEED = 0
+
+
+def _relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.abs(expected - actual).max() / max(np.abs(expected).max(), 1e-12))
+
+
+def _copy_parameters(source: nn.Cell, target: nn.Cell) -> None:
+    source_params = dict(source.parameters_and_names())
+    target_params = dict(target.parameters_and_names())
+    assert {k: tuple(v.shape) for k, v in source_params.items()} == \
+        {k: tuple(v.shape) for k, v in target_params.items()}
+    for name, param in target_params.items():
+        param.set_data(source_params[name].data.copy())
+
+
+def _forward_and_grads(cell: nn.Cell, x: Tensor, dy: Tensor):
+    """Output, d(sum(y*dy))/dx and d/d(parameters) as numpy arrays."""
+    def objective(inputs):
+        return (cell(inputs) * dy).sum()
+    grad_fn = ms.grad(objective, grad_position=0, weights=cell.trainable_params())
+    dx, dparams = grad_fn(x)
+    return cell(x).asnumpy(), dx.asnumpy(), [g.asnumpy() for g in dparams]
+
+
+def _assert_same(native: nn.Cell, unfold: nn.Cell, x_shape, rng) -> None:
+    _copy_parameters(native, unfold)
+    x = Tensor(rng.standard_normal(x_shape).astype(np.float32))
+    y_shape = native(x).shape
+    dy = Tensor(rng.standard_normal(y_shape).astype(np.float32))
+    y_ref, dx_ref, dp_ref = _forward_and_grads(native, x, dy)
+    y, dx, dp = _forward_and_grads(unfold, x, dy)
+    assert y.shape == y_ref.shape
+    assert _relative_error(y_ref, y) < RTOL
+    assert _relative_error(dx_ref, dx) < RTOL
+    assert len(dp) == len(dp_ref)
+    for ref, got in zip(dp_ref, dp):
+        assert _relative_error(ref, got) < RTOL
+
+
+# (in, out, kernel, stride, padding, groups, bias, input NCHW shape)
+CONV_CASES = [
+    pytest.param(4, 6, 3, 1, 1, 1, False, (2, 4, 8, 8), id="3x3-s1-p1"),
+    pytest.param(4, 6, 3, 2, 1, 1, False, (2, 4, 9, 7), id="3x3-s2-p1-odd"),
+    pytest.param(3, 5, 7, 2, 3, 1, False, (1, 3, 13, 11), id="7x7-s2-p3"),
+    pytest.param(4, 6, 1, 2, 0, 1, False, (2, 4, 9, 7), id="1x1-s2"),
+    pytest.param(6, 4, 1, 1, 0, 1, True, (3, 6, 5, 4), id="1x1-s1-bias"),
+    pytest.param(8, 6, 3, 1, 1, 2, True, (2, 8, 7, 9), id="3x3-groups2-bias"),
+    pytest.param(8, 8, 3, 2, 1, 4, False, (2, 8, 9, 9), id="3x3-s2-groups4"),
+    pytest.param(8, 4, 1, 1, 0, 4, False, (5, 8, 3, 3), id="1x1-groups4-many-images"),
+    pytest.param(4, 6, 3, 1, 0, 1, True, (2, 4, 6, 5), id="3x3-valid-bias"),
+    pytest.param(4, 6, (3, 1), 1, (1, 0), 1, False, (2, 4, 6, 5), id="3x1-kernel"),
+]
+
+
+@pytest.mark.parametrize("cin, cout, kernel, stride, padding, groups, bias, shape", CONV_CASES)
+def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias, shape):
+    rng = np.random.default_rng(SEED)
+    native = build_conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
+                          has_bias=bias, impl="native")
+    unfold = build_conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
+                          has_bias=bias, impl="unfold")
+    assert isinstance(unfold, UnfoldConv2d)
+    _assert_same(native, unfold, shape, rng)
+
+
+@pytest.mark.parametrize("groups, shape, chunk_bytes", [
+    pytest.param(1, (1, 4, 12, 12), 4 * 144 * 4 * 2, id="tap-split"),
+    pytest.param(2, (1, 4, 12, 12), 2 * 144 * 2 * 4 * 3, id="tap-split-groups"),
+    pytest.param(1, (7, 4, 6, 6), 4 * 36 * 9 * 4 * 3, id="images-per-chunk"),
+    pytest.param(2, (7, 4, 6, 6), 4 * 36 * 9 * 4 * 2, id="images-per-chunk-groups"),
+])
+def test_unfold_chunking_matches_native(groups, shape, chunk_bytes):
+    """Small patch budgets force splitting by kernel taps or batching several images."""
+    rng = np.random.default_rng(SEED)
+    native = build_conv2d(4, 6, 3, padding=1, groups=groups, impl="native")
+    unfold = UnfoldConv2d(4, 6, 3, padding=1, groups=groups, chunk_bytes=chunk_bytes)
+    plan = unfold.function._plan(Tensor(np.zeros(shape, np.float32)), unfold.weight)
+    assert len(plan.chunks) > shape[0] or len(plan.chunks) < shape[0]
+    _assert_same(native, unfold, shape, rng)
+
+
+def test_deconv2x2_matches_native():
+    rng = np.random.default_rng(SEED)
+    native = build_deconv2x2(4, 6, impl="native")
+    unfold = build_deconv2x2(4, 6, impl="unfold")
+    assert isinstance(unfold, UnfoldDeconv2x2)
+    _assert_same(native, unfold, (3, 4, 5, 3), rng)
+
+
+def test_parameters_match_nn_conv2d_layout_and_init():
+    native = build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="native")
+    unfold = build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="unfold")
+    names = lambda cell: [(n, tuple(p.shape)) for n, p in cell.parameters_and_names()]
+    assert names(native) == names(unfold) == [("weight", (16, 8, 3, 3)), ("bias", (16,))]
+    fan_in = 8 * 3 * 3
+    # HeUniform(negative_slope=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = 1/sqrt(fan_in)
+    bound = 1.0 / math.sqrt(fan_in)
+    weight = unfold.weight.asnumpy()
+    assert np.abs(weight).max() <= bound and weight.std() > bound / 4
+    assert np.abs(unfold.bias.asnumpy()).max() <= bound
+    deconv_names = lambda cell: [(n, tuple(p.shape)) for n, p in cell.parameters_and_names()]
+    assert deconv_names(build_deconv2x2(4, 6, impl="native")) == \
+        deconv_names(build_deconv2x2(4, 6, impl="unfold")) == \
+        [("weight", (4, 6, 2, 2)), ("bias", (6,))]
+
+
+def test_disable_input_grad_keeps_weight_grads():
+    rng = np.random.default_rng(SEED)
+    reference = build_conv2d(3, 4, 7, stride=2, padding=3, impl="unfold")
+    stem = disable_input_grad(build_conv2d(3, 4, 7, stride=2, padding=3, impl="unfold"))
+    _copy_parameters(reference, stem)
+    x = Tensor(rng.standard_normal((1, 3, 12, 12)).astype(np.float32))
+    dy = Tensor(rng.standard_normal(reference(x).shape).astype(np.float32))
+    _, dx_ref, dw_ref = _forward_and_grads(reference, x, dy)
+    _, dx, dw = _forward_and_grads(stem, x, dy)
+    assert np.abs(dx_ref).max() > 0 and np.all(dx == 0)
+    assert _relative_error(dw_ref[0], dw[0]) < RTOL
+    native = build_conv2d(3, 4, 3, impl="native")
+    assert disable_input_grad(native) is native
+
+
+def test_subsample_forward_and_gradient():
+    x = Tensor(np.arange(2 * 3 * 5 * 4, dtype=np.float32).reshape(2, 3, 5, 4))
+    np.testing.assert_array_equal(subsample(x, (2, 2)).asnumpy(), x.asnumpy()[:, :, ::2, ::2])
+    grad = ms.grad(lambda t: subsample(t, (2, 2)).sum())(x).asnumpy()
+    expected = np.zeros(x.shape, np.float32)
+    expected[:, :, ::2, ::2] = 1
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_unfold_never_runs_native_convolution(monkeypatch):
+    """Record the primitives the unfold layers dispatch from Python (forward and bprop)."""
+    if not hasattr(ms_primitive, "_run_op"):
+        pytest.skip("this MindSpore version has no mindspore.ops.primitive._run_op to observe")
+    seen = set()
+    original = ms_primitive._run_op
+
+    def recording_run_op(obj, op_name, args):
+        seen.add(op_name)
+        return original(obj, op_name, args)
+
+    monkeypatch.setattr(ms_primitive, "_run_op", recording_run_op)
+    x = Tensor(np.ones((1, 4, 6, 6), np.float32))
+    native = build_conv2d(4, 4, 3, padding=1, impl="native")
+    ms.grad(lambda t: native(t).sum(), grad_position=0, weights=native.trainable_params())(x)
+    assert any("Conv" in name for name in seen), "the recorder does not observe convolutions"
+    seen.clear()
+    cells = [build_conv2d(4, 4, 3, padding=1, impl="unfold"),
+             build_conv2d(4, 4, 1, stride=2, impl="unfold"),
+             build_deconv2x2(4, 4, impl="unfold")]
+    for cell in cells:
+        ms.grad(lambda t, c=cell: c(t).sum(), grad_position=0, weights=cell.trainable_params())(x)
+    assert seen and not any("Conv" in name for name in seen), sorted(seen)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="impl"):
+        build_conv2d(4, 4, 3, impl="fast")
+    with pytest.raises(ValueError, match="impl"):
+        build_deconv2x2(4, 4, impl="fast")
+    with pytest.raises(ValueError, match="divisible"):
+        build_conv2d(4, 6, 3, groups=4, impl="unfold")
+    conv = build_conv2d(4, 4, 5, impl="unfold")
+    with pytest.raises(ValueError, match="smaller than kernel"):
+        conv(ops.zeros((1, 4, 3, 3), ms.float32))
