@@ -52,7 +52,7 @@ def write_subset(folder: Path) -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if not (DATA / "annotations.json").is_file():
@@ -66,9 +66,9 @@ def main() -> int:
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         overrides = [
             "experiment=demo", "dataset=coco_folder", f"dataset.train_root={tmp / 'subset'}", "augmentation=none",
-            "dataset.flip_ratio=0.0", "schedule=demo", "schedule.img_height=256", "schedule.img_width=256",
-            "schedule.epochs=10000", f"schedule.max_steps={args.steps}", "schedule.base_lr=0.02",
-            "schedule.base_batch_size=2", "schedule.batch_size=2", "schedule.warmup_steps=50",
+            "dataset.flip_ratio=0.0", "schedule=demo", "schedule.img_height=192", "schedule.img_width=192",
+            "schedule.epochs=10000", f"schedule.max_steps={args.steps}", "schedule.base_lr=0.01",
+            "schedule.base_batch_size=2", "schedule.batch_size=2", "schedule.warmup_steps=30", "schedule.grad_clip=10.0",
             "schedule.lr_steps=[100000]", "schedule.eval_every=100000", "schedule.log_every_steps=10",
             "schedule.ckpt_every_steps=100000", "schedule.keep_best_checkpoints_max=0",
             f"paths.output_root={tmp / 'outputs'}", f"tracking.uri='{uri}'", *args.overrides,

@@ -191,3 +191,24 @@ def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
         assert child.info.status == "FINISHED"
         assert "segm/AP" in child.data.metrics and "bbox/AP" in child.data.metrics
     assert {c.data.params["augmentation.aug_prob"] for c in children.values()} == {"0.0", "0.5"}
+
+    # Read back as a user would, through mlflow.search_runs: every metric and artifact of a run.
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    table = mlflow.search_runs(experiment_names=["instaboost"], filter_string="tags.choice.schedule = 'smoke'")
+    assert len(table) == 2 and set(table["status"]) == {"FINISHED"}
+    for iou_type in ("bbox", "segm"):
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"):
+            assert f"metrics.{iou_type}/{name}" in table.columns
+    for name in ("train/loss", "train/loss_rpn_cls", "train/loss_mask", "train/lr", "train/img_per_s",
+                 "train/data_time"):
+        assert f"metrics.{name}" in table.columns
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    for child in children.values():
+        run_id = child.info.run_id
+        artifacts = {a.path for folder in ("checkpoints", "evaluation", "augmentation")
+                     for a in client.list_artifacts(run_id, folder)}
+        assert any(p.endswith(".ckpt") for p in artifacts), artifacts
+        assert {"evaluation/coco_results.json", "evaluation/per_category_ap.md",
+                "augmentation/samples.png"} <= artifacts
