@@ -52,6 +52,7 @@ def test_defaults_are_valid(base_cfg: DictConfig) -> None:
         (["hardware.device_target=TPU"], "hardware.device_target"),
         (["hardware.conv_impl=winograd"], "hardware.conv_impl"),
         (["hardware.device_num=0"], "hardware.device_num"),
+        (["hardware.device_num=2"], "hardware.device_num"),
         (["backbone.norm=gn"], "backbone.norm"),
         (["backbone.depth=34"], "backbone.depth"),
         (["backbone.frozen_stages=7"], "backbone.frozen_stages"),

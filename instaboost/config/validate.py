@@ -299,7 +299,10 @@ def _check_hardware(c: _Checker) -> None:
     h = "hardware"
     c.one_of(f"{h}.device_target", DEVICE_TARGETS)
     c.one_of(f"{h}.conv_impl", CONV_IMPLS)
-    c.positive(f"{h}.num_workers", f"{h}.device_num")
+    c.positive(f"{h}.num_workers")
+    # The key exists so the learning rate already scales with it; the train task has no gradient
+    # reducer or data sharding yet, so more than one device is refused rather than silently wrong.
+    c.require(f"{h}.device_num", lambda v: v == 1, "must be 1: data-parallel training is not available yet")
 
 
 def _check_dataset(c: _Checker) -> None:
