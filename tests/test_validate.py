@@ -55,6 +55,7 @@ def test_defaults_are_valid(base_cfg: DictConfig) -> None:
         (["hardware.device_num=2"], "hardware.device_num"),
         (["backbone.norm=gn"], "backbone.norm"),
         (["backbone.depth=34"], "backbone.depth"),
+        (["backbone.groups=32"], "backbone.type"),
         (["backbone.frozen_stages=7"], "backbone.frozen_stages"),
         (["detector.rpn.anchor_strides=[4,8,16,32]"], "detector.rpn.anchor_strides"),
         (["detector.train_cfg.rpn.sampler.pos_fraction=1.5"],

@@ -24,7 +24,7 @@ CONV_IMPLS = ("native", "unfold")
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 NORMS = ("bn", "frozen_bn")
 LOSS_SCALE_TYPES = ("static", "dynamic", "none")
-BACKBONE_TYPES = ("resnet",)
+BACKBONE_TYPES = ("resnet", "resnext")  # ResNeXt = grouped 3x3 convolutions (groups > 1)
 # Bottleneck ResNets: their C2..C5 have 256/512/1024/2048 channels, what the FPN expects.
 RESNET_DEPTHS = (50, 101, 152)
 # frozen_stages: -1 trains everything; 0 freezes the stem; k freezes the stem and stages 1..k.
@@ -231,6 +231,9 @@ def _check_backbone(c: _Checker) -> None:
     c.one_of(f"{b}.depth", RESNET_DEPTHS)
     c.one_of(f"{b}.norm", NORMS)
     c.positive(f"{b}.groups", f"{b}.base_width")
+    grouped = c.get(f"{b}.groups") > 1
+    c.require(f"{b}.type", lambda v: (v == "resnext") == grouped,
+              "must be 'resnext' exactly when backbone.groups > 1")
     low, high = FROZEN_STAGES_RANGE
     c.require(f"{b}.frozen_stages", lambda v: low <= v <= high, f"must be in [{low}, {high}]")
     c.require(f"{b}.pretrained", lambda v: v is None or bool(str(v).strip()),
