@@ -6,7 +6,7 @@ knows nothing about Hydra or MLflow: the tracker is any object with `log_metrics
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Sequence
 
 import numpy as np
 
