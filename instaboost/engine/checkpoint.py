@@ -54,7 +54,13 @@ class CheckpointManager:
         if len(self.best) >= self.keep_best and value <= self.best[-1][0]:
             return None
         tag = self.metric.replace("/", "_")
-        path = self._save(network, optimizer, self.directory / f"best_{tag}_{value:.4f}_step_{step:08d}.ckpt")
+        path = self.directory / f"best_{tag}_{value:.4f}_step_{step:08d}.ckpt"
+        same_step = self.directory / f"step_{step:08d}.ckpt"
+        if same_step in self.latest and same_step.exists():
+            # The evaluation after the last step ranks the checkpoint just saved: link, don't rewrite it.
+            os.link(same_step, path)
+        else:
+            self._save(network, optimizer, path)
         self.best.append((value, path))
         self.best.sort(key=lambda item: -item[0])
         while len(self.best) > self.keep_best:
@@ -62,7 +68,11 @@ class CheckpointManager:
         return path
 
     def kept(self) -> List[Path]:
-        return [p for p in self.latest + [p for _, p in self.best] if p.exists()]
+        """Distinct checkpoints on disk: the best k, then the latest k not already among them."""
+        best = [p for _, p in self.best if p.exists()]
+        best_steps = {p.name.rsplit("_step_", 1)[-1] for p in best}
+        latest = [p for p in self.latest if p.exists() and p.name.split("step_", 1)[-1] not in best_steps]
+        return best + latest
 
     @staticmethod
     def _delete(path: Path) -> None:

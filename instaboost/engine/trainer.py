@@ -86,12 +86,18 @@ class Trainer:
                     break
                 data_start = time.perf_counter()
             last = self.step >= s.total_steps
+            if last:
+                self._save_final()  # before the last evaluation, so the best checkpoint can link to it
             if last or (s.eval_every_epochs and (epoch + 1) % s.eval_every_epochs == 0):
                 self._evaluate(epoch)
-        if s.ckpt_every_steps == 0 or self.step % s.ckpt_every_steps:
-            self.checkpoints.save_latest(self.network, self.optimizer, self.step)
+        self._save_final()
         self.tracker.log_metrics({"train/skipped_steps": float(self.skipped_steps)}, step=self.step)
         return dict(self.last_metrics)
+
+    def _save_final(self) -> None:
+        """Save the last step's checkpoint once (a periodic save may already have done it)."""
+        if not any(p.name == f"step_{self.step:08d}.ckpt" for p in self.checkpoints.latest):
+            self.checkpoints.save_latest(self.network, self.optimizer, self.step)
 
     def _log_progress(self, epoch: int, window: "_Window", start: float) -> None:
         s = self.settings

@@ -83,3 +83,13 @@ def test_checkpoint_manager_keeps_latest_and_best_and_restores_optimizer(tmp_pat
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_checkpoint(tmp_path / "nope.ckpt", nn.Dense(3, 2))
+
+
+def test_best_checkpoint_of_the_last_step_links_instead_of_rewriting(tmp_path):
+    net = nn.Dense(3, 2)
+    opt = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
+    manager = CheckpointManager(tmp_path, keep_latest=1, keep_best=1)
+    latest = manager.save_latest(net, opt, 96)
+    best = manager.save_best(net, opt, 96, 0.17)
+    assert best.stat().st_ino == latest.stat().st_ino
+    assert manager.kept() == [best], "the same step is logged once"
