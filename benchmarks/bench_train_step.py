@@ -1,14 +1,16 @@
-"""Benchmark: R50-FPN Mask R-CNN train step on CPU, native vs unfold convolutions.
+"""Benchmark: R50-FPN Mask R-CNN train step on CPU, native vs unfold vs winograd convolutions.
 
     .venv/bin/python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 2]
         [--native-step estimate|measure|skip] [--threads N] [--override backbone.norm=frozen_bn ...]
 
 One run builds the detector from ``conf/`` (``detector=mask_rcnn``, ``backbone=resnet50``, COCO's
-80 classes) once per convolution implementation, on a synthetic batch that follows the batch
-contract (``--batch`` images of ``--size``², ``--objects`` instances each), and reports:
+80 classes) once per convolution implementation (``winograd``: F(4x4, 3x3) for the 3x3 stride-1
+convolutions, unfold for the rest; ``unfold``: im2col + matmul everywhere; ``native``: MindSpore's
+kernels), on a synthetic batch that follows the batch contract (``--batch`` images of
+``--size``², ``--objects`` instances each), and reports:
 
-1. **Train step** (``step_s_<impl>``): wall time of one full training step (forward, backward,
-   loss scaling, momentum-SGD update; ``instaboost.engine.train_step.make_train_step`` in
+1. **Train step** (``step_s_<impl>``, winograd and unfold): wall time of one full training step
+   (forward, backward, loss scaling, momentum-SGD update; ``instaboost.engine.train_step.make_train_step`` in
    PyNative mode): one warm-up step, then the mean of ``--steps`` timed steps.
    MindSpore's native CPU convolutions run at about 1 GFLOP/s, so a native step at 512² takes
    about 20 minutes (1.4 TFLOP of convolutions). By default (``--native-step estimate``) it is therefore
@@ -25,13 +27,14 @@ contract (``--batch`` images of ``--size``², ``--objects`` instances each), and
    (layer configuration, input shape) is timed alone -- forward, then forward+backward with
    gradients w.r.t. input and weights (``ms.grad`` of the cell, all-ones output sensitivity),
    best of ``--layer-repeats`` after a warm-up -- and the
-   times are summed with each call's multiplicity. GFLOP/s = FLOPs / summed time.
+   times are summed with each call's multiplicity. GFLOP/s = FLOPs / summed time; for winograd
+   this is an *effective* rate (direct-convolution FLOPs per second: Winograd does fewer).
    Native layers above ``--native-cap-gflop`` forward GFLOP are timed on a reduced shape (fewer
    images, then halved height and width) and scaled by the FLOP ratio (convolution time is
    linear in N*Ho*Wo); the per-layer table marks them with ``*``.
 
-The machine load average is printed with the figures, and ``cores_used_unfold_step`` (process
-CPU seconds / wall seconds of the timed unfold steps; MindSpore's thread pool also spends CPU
+The machine load average is printed with the figures, and ``cores_used_winograd_step`` (process
+CPU seconds / wall seconds of the timed winograd steps; MindSpore's thread pool also spends CPU
 time spin-waiting, so it is an upper bound of the useful share) hints at how much of the shared
 machine the run got. The last line printed is one JSON object with every figure.
 """
@@ -154,9 +157,10 @@ class ConvCall(NamedTuple):
 
 
 def _is_conv(cell: nn.Cell) -> bool:
-    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2
+    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2, WinogradConv2d
 
-    return isinstance(cell, (UnfoldConv2d, UnfoldDeconv2x2, nn.Conv2d, nn.Conv2dTranspose))
+    return isinstance(cell, (UnfoldConv2d, WinogradConv2d, UnfoldDeconv2x2, nn.Conv2d,
+                             nn.Conv2dTranspose))
 
 
 def record_conv_calls(detector: nn.Cell, batch: Sequence[Tensor]) -> List[ConvCall]:
@@ -176,12 +180,12 @@ def record_conv_calls(detector: nn.Cell, batch: Sequence[Tensor]) -> List[ConvCa
 
 def conv_signature(cell: nn.Cell) -> Tuple:
     """Configuration of a convolution cell that determines its cost (impl-independent)."""
-    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2
+    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2, WinogradConv2d
 
     if isinstance(cell, (UnfoldDeconv2x2, nn.Conv2dTranspose)):
         cin, cout = cell.weight.shape[0], cell.weight.shape[1]
         return ("deconv2x2", cin, cout)
-    if isinstance(cell, UnfoldConv2d):
+    if isinstance(cell, (UnfoldConv2d, WinogradConv2d)):
         return ("conv", cell.in_channels, cell.out_channels, cell.kernel_size, cell.stride,
                 cell.padding, cell.groups, cell.has_bias)
     pad = cell.padding if isinstance(cell.padding, int) else tuple(cell.padding)[::2]
@@ -325,14 +329,15 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     steps: Dict[str, float] = {}
     step_cpu: Dict[str, float] = {}
     calls: List[ConvCall] = []
-    impls = ("unfold",) if args.native_step == "skip" else ("unfold", "native")
+    fast_impls = ("winograd", "unfold")
+    impls = fast_impls if args.native_step == "skip" else fast_impls + ("native",)
     for impl in impls:
         detector, step = build(impl, detector_cfg, backbone_cfg)
         if not calls:
-            # Recorded on the unfold model (a native forward alone takes minutes); both models
-            # have the same cells under the same names.
+            # Recorded on a fast model (a native forward alone takes minutes); every model has
+            # the same cells under the same names.
             calls = record_conv_calls(detector, batch)
-        cap = 0.0 if impl == "unfold" else args.native_cap_gflop * GIGA
+        cap = 0.0 if impl != "native" else args.native_cap_gflop * GIGA
         timings = time_convolutions(detector, calls, repeats=args.layer_repeats, cap_flops=cap,
                                     rng=rng)
         conv[impl] = summarize(timings)
@@ -341,13 +346,14 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
               f"forward; conv time fwd {conv[impl]['fwd_s']:.2f} s, fwd+bwd "
               f"{conv[impl]['fwd_bwd_s']:.2f} s -> {conv[impl]['gflops_fwd']:.1f} / "
               f"{conv[impl]['gflops_fwd_bwd']:.1f} GFLOP/s", flush=True)
-        if impl == "unfold" or args.native_step == "measure":
+        if impl in fast_impls or args.native_step == "measure":
             warmup, timed, cpu_s = time_steps(step, batch, args.steps)
             steps[impl] = float(np.mean(timed))
             step_cpu[impl] = cpu_s
             print(f"[{impl}] train step: warm-up {warmup:.2f} s, timed "
                   f"{', '.join(f'{t:.2f}' for t in timed)} s -> {steps[impl]:.2f} s, "
                   f"{cpu_s:.1f} CPU-s per step (load average {os.getloadavg()})", flush=True)
+        del detector, step
     estimated = "native" in conv and "native" not in steps
     if estimated:
         steps["native"] = steps["unfold"] - conv["unfold"]["fwd_bwd_s"] + conv["native"]["fwd_bwd_s"]
@@ -359,17 +365,24 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
         "step_s_native": native(lambda: steps["native"]),
         "step_s_native_estimated": estimated,
         "step_s_unfold": round(steps["unfold"], 3),
-        "speedup": native(lambda: steps["native"] / steps["unfold"]),
+        "step_s_winograd": round(steps["winograd"], 3),
+        "speedup": native(lambda: steps["native"] / steps["winograd"]),
+        "speedup_unfold": native(lambda: steps["native"] / steps["unfold"]),
+        "speedup_winograd_vs_unfold": round(steps["unfold"] / steps["winograd"], 3),
         "conv_gflops_native": native(lambda: conv["native"]["gflops_fwd_bwd"]),
         "conv_gflops_unfold": round(conv["unfold"]["gflops_fwd_bwd"], 2),
+        # direct-convolution FLOPs per second (Winograd itself does fewer multiplies)
+        "conv_gflops_winograd_effective": round(conv["winograd"]["gflops_fwd_bwd"], 2),
         "conv_gflops_fwd_native": native(lambda: conv["native"]["gflops_fwd"]),
         "conv_gflops_fwd_unfold": round(conv["unfold"]["gflops_fwd"], 2),
+        "conv_gflops_fwd_winograd_effective": round(conv["winograd"]["gflops_fwd"], 2),
         "conv_gflop_fwd_per_step": round(conv["unfold"]["gflop_fwd"], 1),
-        "conv_s_unfold": round(conv["unfold"]["fwd_bwd_s"], 3),
         "conv_s_native": native(lambda: conv["native"]["fwd_bwd_s"]),
-        "conv_share_of_unfold_step": round(conv["unfold"]["fwd_bwd_s"] / steps["unfold"], 3),
-        # process CPU seconds / wall seconds of the unfold steps (includes thread-pool spinning)
-        "cores_used_unfold_step": round(step_cpu["unfold"] / steps["unfold"], 2),
+        "conv_s_unfold": round(conv["unfold"]["fwd_bwd_s"], 3),
+        "conv_s_winograd": round(conv["winograd"]["fwd_bwd_s"], 3),
+        "conv_share_of_winograd_step": round(conv["winograd"]["fwd_bwd_s"] / steps["winograd"], 3),
+        # process CPU seconds / wall seconds of the steps (includes thread-pool spinning)
+        "cores_used_winograd_step": round(step_cpu["winograd"] / steps["winograd"], 2),
         "threads": args.threads,
         "loadavg_1min": os.getloadavg()[0],
     })

@@ -250,11 +250,11 @@ class ScheduleConfig:
 
 @dataclass
 class HardwareConfig:
-    """Device and execution: ``conv_impl`` "unfold" is the fast CPU convolution path."""
+    """Device and execution: ``conv_impl`` "winograd" / "unfold" are the fast CPU convolutions."""
 
     name: str = "cpu"
     device_target: str = "CPU"
-    conv_impl: str = "unfold"
+    conv_impl: str = "winograd"
     jit: bool = False
     num_workers: int = 2
     device_num: int = 1

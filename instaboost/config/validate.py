@@ -20,7 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 ACTION_PROB_TOLERANCE = 1e-6
 INSTABOOST_ACTIONS = ("normal", "horizontal", "vertical", "skip")
 INSTABOOST_ENGINES = ("project", "instaboostfast")
-CONV_IMPLS = ("native", "unfold")
+CONV_IMPLS = ("native", "unfold", "winograd")
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 NORMS = ("bn", "frozen_bn")
 LOSS_SCALE_TYPES = ("static", "dynamic", "none")
@@ -302,6 +302,10 @@ def _check_hardware(c: _Checker) -> None:
     h = "hardware"
     c.one_of(f"{h}.device_target", DEVICE_TARGETS)
     c.one_of(f"{h}.conv_impl", CONV_IMPLS)
+    # The Winograd transforms are C++ kernels for host memory (MindSpore AOT ops for the CPU).
+    if c.get(f"{h}.conv_impl") == "winograd" and c.get(f"{h}.device_target") in DEVICE_TARGETS:
+        c.require(f"{h}.device_target", lambda v: v == "CPU",
+                  "must be CPU with hardware.conv_impl=winograd (a CPU-only kernel)")
     c.positive(f"{h}.num_workers")
     # The key exists so the learning rate already scales with it; the train task has no gradient
     # reducer or data sharding yet, so more than one device is refused rather than silently wrong.

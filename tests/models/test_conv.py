@@ -1,4 +1,5 @@
-"""The unfold convolution path against MindSpore's native kernels (outputs and gradients)."""
+"""The unfold and Winograd convolution paths against MindSpore's native kernels (outputs and
+gradients)."""
 import math
 
 import numpy as np
@@ -7,8 +8,10 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore.ops import primitive as ms_primitive
 
-from instaboost.models.layers.conv import (UnfoldConv2d, UnfoldDeconv2x2, build_conv2d,
-                                           build_deconv2x2, disable_input_grad, subsample)
+from instaboost.models.layers import native_kernels, winograd
+from instaboost.models.layers.conv import (UnfoldConv2d, UnfoldDeconv2x2, WinogradConv2d,
+                                           build_conv2d, build_deconv2x2, disable_input_grad,
+                                           subsample)
 
 RTOL = 1e-4
 SEED = 0
@@ -77,6 +80,68 @@ def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias,
     _assert_same(native, unfold, shape, rng)
 
 
+# (in, out, bias, input NCHW shape): odd sizes crop the last 4x4 tiles; 1x1 is one tile of
+# padding; the last case has 2,250 tiles, more than one TILE_CHUNK, with the chunk boundary
+# inside a plane.
+WINOGRAD_CASES = [
+    pytest.param(4, 6, False, (2, 4, 8, 8), id="8x8"),
+    pytest.param(5, 3, True, (3, 5, 13, 17), id="13x17-bias"),
+    pytest.param(3, 4, False, (2, 3, 1, 1), id="1x1-map"),
+    pytest.param(6, 5, True, (7, 6, 14, 14), id="roi-14x14"),
+    pytest.param(2, 3, True, (1, 2, 200, 180), id="two-chunks"),
+]
+
+
+@pytest.mark.parametrize("cin, cout, bias, shape", WINOGRAD_CASES)
+def test_winograd_matches_native(cin, cout, bias, shape):
+    assert winograd.tile_chunks(shape[0], shape[2], shape[3])[0] <= winograd.TILE_CHUNK
+    rng = np.random.default_rng(SEED)
+    native = build_conv2d(cin, cout, 3, padding=1, has_bias=bias, impl="native")
+    fast = build_conv2d(cin, cout, 3, padding=1, has_bias=bias, impl="winograd")
+    assert isinstance(fast, WinogradConv2d)
+    _assert_same(native, fast, shape, rng)
+
+
+def test_winograd_maps_with_equal_tile_counts_keep_their_sizes():
+    """4x4, 2x2 and 3x3 maps are one tile each: the same tile tensors, different outputs (as the
+    RPN head sees P5 and P6). MindSpore caches AOT output shapes by input shapes."""
+    rng = np.random.default_rng(SEED)
+    native = build_conv2d(4, 4, 3, padding=1, impl="native")
+    fast = build_conv2d(4, 4, 3, padding=1, impl="winograd")
+    for side in (4, 2, 3, 4):
+        _assert_same(native, fast, (2, 4, side, side), rng)
+
+
+def test_winograd_tile_chunks():
+    assert winograd.tile_chunks(1, 200, 180) == (winograd.TILE_CHUNK, 50 * 45 - winograd.TILE_CHUNK)
+    assert winograd.tile_chunks(256, 14, 14) == (winograd.TILE_CHUNK,) * 2
+    assert winograd.tile_chunks(2, 3, 5) == (4,)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, groups", [
+    pytest.param(3, 2, 1, 1, id="stride2"),
+    pytest.param(3, 1, 1, 2, id="groups2"),
+    pytest.param(3, 1, 0, 1, id="no-padding"),
+    pytest.param(1, 1, 0, 1, id="1x1"),
+    pytest.param(7, 2, 3, 1, id="7x7"),
+])
+def test_winograd_impl_falls_back_to_unfold(kernel, stride, padding, groups):
+    conv = build_conv2d(4, 4, kernel, stride=stride, padding=padding, groups=groups,
+                        impl="winograd")
+    assert isinstance(conv, UnfoldConv2d)
+    assert isinstance(build_deconv2x2(4, 4, impl="winograd"), UnfoldDeconv2x2)
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    native_kernels.kernel_library.cache_clear()
+    try:
+        with pytest.raises(native_kernels.KernelBuildError, match="conv_impl"):
+            native_kernels.kernel_library("winograd_conv3x3")
+    finally:
+        native_kernels.kernel_library.cache_clear()
+
+
 @pytest.mark.parametrize("groups, shape, chunk_bytes", [
     pytest.param(1, (1, 4, 12, 12), 4 * 144 * 4 * 2, id="tap-split"),
     pytest.param(2, (1, 4, 12, 12), 2 * 144 * 2 * 4 * 3, id="tap-split-groups"),
@@ -104,14 +169,17 @@ def test_deconv2x2_matches_native():
 def test_parameters_match_nn_conv2d_layout_and_init():
     native = build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="native")
     unfold = build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="unfold")
+    fast = build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="winograd")
     names = lambda cell: [(n, tuple(p.shape)) for n, p in cell.parameters_and_names()]
-    assert names(native) == names(unfold) == [("weight", (16, 8, 3, 3)), ("bias", (16,))]
+    assert names(native) == names(unfold) == names(fast) == \
+        [("weight", (16, 8, 3, 3)), ("bias", (16,))]
     fan_in = 8 * 3 * 3
     # HeUniform(negative_slope=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = 1/sqrt(fan_in)
     bound = 1.0 / math.sqrt(fan_in)
-    weight = unfold.weight.asnumpy()
-    assert np.abs(weight).max() <= bound and weight.std() > bound / 4
-    assert np.abs(unfold.bias.asnumpy()).max() <= bound
+    for cell in (unfold, fast):
+        weight = cell.weight.asnumpy()
+        assert np.abs(weight).max() <= bound and weight.std() > bound / 4
+        assert np.abs(cell.bias.asnumpy()).max() <= bound
     deconv_names = lambda cell: [(n, tuple(p.shape)) for n, p in cell.parameters_and_names()]
     assert deconv_names(build_deconv2x2(4, 6, impl="native")) == \
         deconv_names(build_deconv2x2(4, 6, impl="unfold")) == \
@@ -160,6 +228,7 @@ def test_unfold_never_runs_native_convolution(monkeypatch):
     assert any("Conv" in name for name in seen), "the recorder does not observe convolutions"
     seen.clear()
     cells = [build_conv2d(4, 4, 3, padding=1, impl="unfold"),
+             build_conv2d(4, 4, 3, padding=1, impl="winograd"),
              build_conv2d(4, 4, 1, stride=2, impl="unfold"),
              build_deconv2x2(4, 4, impl="unfold")]
     for cell in cells:

@@ -1,8 +1,11 @@
-"""Convolution factory with a fast CPU path ("unfold") next to MindSpore's native kernels.
+"""Convolution factory with fast CPU paths ("unfold", "winograd") next to MindSpore's kernels.
 
 MindSpore 2.10's native CPU 3x3 convolution runs at about 1 GFLOP/s (0.5-1.3 measured),
 forward and backward alike. ``impl="unfold"`` computes the same convolution with row gathers
-(im2col) and matrix products, which run at matmul speed. Both implementations hold the same
+(im2col) and matrix products, which run at matmul speed. ``impl="winograd"`` additionally runs
+every 3x3 / stride 1 / padding 1 convolution (most of a Mask R-CNN's arithmetic) as Winograd
+F(4x4, 3x3) with C++ transform kernels (`WinogradConv2d`, winograd.py): 2.25 instead of 9
+multiplies per output, 3-4x faster than unfold on those layers. All implementations hold the same
 parameters under the same names and shapes (``weight`` (O, C/groups, kh, kw), ``bias`` (O,);
 for the 2x2 deconvolution ``weight`` (C, O, 2, 2) like ``nn.Conv2dTranspose``), so checkpoints
 move freely between them.
@@ -47,7 +50,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
-CONV_IMPLS = ("native", "unfold")
+from instaboost.models.layers.winograd import WinogradConvFunction
+
+CONV_IMPLS = ("native", "unfold", "winograd")
 
 # nn.Conv2d's default weight init in MindSpore 2.10: HeUniform(negative_slope=sqrt(5)); bias
 # Uniform(1/sqrt(fan_in)).
@@ -595,6 +600,49 @@ class UnfoldDeconv2x2(nn.Cell):
         return ops.bias_add(self.function(x, self.weight), self.bias)
 
 
+class WinogradConv2d(nn.Cell):
+    """3x3 convolution, stride 1, padding 1, groups 1, by Winograd F(4x4, 3x3) (see winograd.py).
+
+    Same parameters as `UnfoldConv2d` / ``nn.Conv2d``: ``weight`` float32 (O, C, 3, 3), ``bias``
+    float32 (O,) when has_bias. Input float32 (N, C, H, W) -> output float32 (N, O, H, W).
+    """
+
+    KERNEL = (3, 3)
+
+    def __init__(self, in_channels: int, out_channels: int, *, has_bias: bool = False):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = self.KERNEL
+        self.stride = (1, 1)
+        self.padding = (1, 1)
+        self.groups = 1
+        self.has_bias = has_bias
+        _init_weight_and_bias(self, (out_channels, in_channels) + self.KERNEL,
+                              in_channels * self.KERNEL[0] * self.KERNEL[1], has_bias,
+                              out_channels)
+        self.function = WinogradConvFunction()
+
+    @staticmethod
+    def supports(kernel_size: IntOrPair, stride: IntOrPair, padding: IntOrPair,
+                 groups: int) -> bool:
+        """Whether a convolution with these settings can run as Winograd F(4, 3)."""
+        return (_pair(kernel_size, "kernel_size") == WinogradConv2d.KERNEL
+                and _pair(stride, "stride") == (1, 1) and _pair(padding, "padding") == (1, 1)
+                and groups == 1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        y = self.function(x, self.weight)
+        if self.bias is not None:
+            y = ops.bias_add(y, self.bias)
+        return y
+
+    def extend_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, winograd=F(4x4,3x3), "
+                f"has_bias={self.has_bias}")
+
+
 def disable_input_grad(conv: nn.Cell) -> nn.Cell:
     """Declare that the input of ``conv`` never needs a gradient (e.g. it is the image).
 
@@ -620,7 +668,9 @@ def build_conv2d(in_channels: int, out_channels: int, kernel_size: IntOrPair, *,
         kernel_size, stride, padding: int or (h, w) pair; zero padding on both sides.
         groups: grouped convolution (C and O divisible by it).
         has_bias: add a learned (O,) bias.
-        impl: "native" -> ``nn.Conv2d``; "unfold" -> `UnfoldConv2d` (same parameters, fast CPU).
+        impl: "native" -> ``nn.Conv2d``; "unfold" -> `UnfoldConv2d` (same parameters, fast CPU);
+            "winograd" -> `WinogradConv2d` for 3x3 / stride 1 / padding 1 / groups 1 (fastest on
+            CPU, builds a C++ kernel on first use), `UnfoldConv2d` for every other shape.
 
     Returns:
         Cell mapping (N, C, H, W) -> (N, O, Ho, Wo) with parameters ``weight`` (O, C/groups,
@@ -632,6 +682,8 @@ def build_conv2d(in_channels: int, out_channels: int, kernel_size: IntOrPair, *,
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
                          padding=(pad[0], pad[0], pad[1], pad[1]), group=groups,
                          has_bias=has_bias)
+    if impl == "winograd" and WinogradConv2d.supports(kernel_size, stride, padding, groups):
+        return WinogradConv2d(in_channels, out_channels, has_bias=has_bias)
     return UnfoldConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                         groups=groups, has_bias=has_bias)
 
@@ -640,7 +692,8 @@ def build_deconv2x2(in_channels: int, out_channels: int, *, impl: str = "native"
     """Transposed convolution with kernel 2, stride 2 and bias (NCHW, doubles H and W).
 
     Returns a Cell (N, C, H, W) -> (N, O, 2H, 2W) with parameters ``weight`` (C, O, 2, 2) and
-    ``bias`` (O,) for both impls ("native" -> ``nn.Conv2dTranspose``, "unfold" -> matmul).
+    ``bias`` (O,) for every impl ("native" -> ``nn.Conv2dTranspose``, "unfold" and "winograd"
+    -> matmul).
     """
     _check_impl(impl)
     if impl == "native":

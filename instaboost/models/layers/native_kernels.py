@@ -1,0 +1,76 @@
+"""Build and locate the project's C++ CPU kernels (``kernels/cpu/*.cc``) for MindSpore AOT ops.
+
+A kernel library is compiled on first use with the system C++ compiler into ``kernels/build/``
+(ignored by git) and reused while its source, the compiler flags and the CPU stay the same:
+the file name carries a hash of all three, because ``-march=native`` code built on one CPU may
+not run on another. The build writes to a temporary file and renames it, so concurrent first
+uses (a multirun, parallel tests) never load a half-written library.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
+BUILD_DIR = KERNELS_DIR / "build"
+CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-Wall")
+
+
+class KernelBuildError(RuntimeError):
+    """A C++ kernel library could not be built (missing compiler or source, compile error)."""
+
+
+def _cpu_signature() -> str:
+    """CPU model and feature flags (what -march=native compiles for), or the machine name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(wanted))) or platform.machine()
+
+
+def _compiler() -> str:
+    requested = os.environ.get("CXX")
+    compiler = shutil.which(requested) if requested else (shutil.which("g++")
+                                                           or shutil.which("c++"))
+    if not compiler:
+        raise KernelBuildError(
+            f"no C++ compiler found (CXX={requested!r}; install g++ or set CXX): it is needed "
+            "to build "
+            f"{KERNELS_DIR / 'cpu'} for hardware.conv_impl=winograd; "
+            "hardware.conv_impl=unfold needs none")
+    return compiler
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_library(name: str) -> str:
+    """Absolute path of the shared library built from ``kernels/cpu/<name>.cc``."""
+    source = KERNELS_DIR / "cpu" / f"{name}.cc"
+    if not source.is_file():
+        raise KernelBuildError(f"kernel source {source} is missing")
+    compiler = _compiler()
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join(CXX_FLAGS).encode(), compiler.encode(),
+                 _cpu_signature().encode()):
+        key.update(part)
+    target = BUILD_DIR / f"{name}-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return str(target)
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    os.close(handle)
+    command = [compiler, *CXX_FLAGS, "-o", scratch, str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        os.unlink(scratch)
+        raise KernelBuildError(f"building {source} failed ({' '.join(command)}):\n"
+                               f"{result.stderr.strip()}")
+    os.replace(scratch, target)
+    return str(target)

@@ -1,0 +1,348 @@
+// Winograd F(4 x 4, 3 x 3) transforms for 3x3 convolutions with stride 1 and padding 1
+// (float32, NCHW), as MindSpore AOT custom-operator entry points for the CPU.
+//
+// Why: on MindSpore 2.10's CPU backend a convolution is only as fast as its matrix products
+// (about 150-200 GFLOP/s on the 2-core project machine); Winograd's minimal filtering F(4, 3)
+// turns the 36 multiplies per output pixel of a 3x3 convolution into 36 per 4x4 output tile
+// (2.25 per pixel, 4x fewer on large maps). The products between transformed inputs and
+// transformed weights stay in MindSpore's BatchMatMul; these kernels do the memory-bound rest
+// in one pass each, which MindSpore's elementwise ops and copies cannot do fast enough.
+//
+// Transformed tensors ("tile tensors") are split into chunks of at most `chunk_tiles` tiles,
+// one MindSpore tensor per chunk, each laid out (points = a*a, channels, tiles_in_chunk): one
+// BatchMatMul per chunk keeps the matmul in the shape MindSpore runs fastest (its speed drops
+// above a few thousand columns), and separate tensors avoid concatenating hundreds of MB.
+// Tile t of the whole batch (t = (image * tiles_y + ty) * tiles_x + tx) lives in chunk
+// t / chunk_tiles at column t % chunk_tiles; every chunk but the last is full.
+//
+// Entry points (params: inputs, then outputs, as MindSpore passes them):
+//   WinogradF4Input   (x (N,C,H,W))                -> V_0..V_{k-1} (a*a, C, tiles_k)
+//   WinogradF4Output  (x, M_0..M_{k-1} (a*a,O,.))  -> y (N, O, H, W)
+//   WinogradF4InputAdjoint  (x, dV_0..dV_{k-1})    -> dx (N, C, H, W)   (adjoint of Input)
+//   WinogradF4OutputAdjoint (dy (N, O, H, W))      -> dM_0..dM_{k-1}    (adjoint of Output)
+// Image sizes come from the NCHW tensor's shape, the chunking from the chunk shapes. The
+// convolution input x passed to Output and InputAdjoint is not read: MindSpore caches an AOT
+// op's output shape by its input shapes, and without x a 4x4 and a 2x2 map (one tile each)
+// would share the tile tensors' shapes and get the same output shape.
+// Matrices: Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kOut = 4;                 // m: output tile side
+constexpr int kIn = kOut + 2;           // a: input tile side (padding 1, kernel 3)
+constexpr int kPoints = kIn * kIn;
+// Tiles transformed together: the transforms run over this innermost axis in SIMD registers.
+constexpr int kLanes = 16;
+
+template <int R, int C>
+struct Mat {
+  float v[R][C];
+};
+
+template <int R, int C>
+constexpr Mat<C, R> Transpose(const Mat<R, C> &m) {
+  Mat<C, R> t{};
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < C; ++j) t.v[j][i] = m.v[i][j];
+  }
+  return t;
+}
+
+struct BT {  // input transform: V = BT d BT^T
+  static constexpr Mat<kIn, kIn> m = {{{4, 0, -5, 0, 1, 0},
+                                       {0, -4, -4, 1, 1, 0},
+                                       {0, 4, -4, -1, 1, 0},
+                                       {0, -2, -1, 2, 1, 0},
+                                       {0, 2, -1, -2, 1, 0},
+                                       {0, 4, 0, -5, 0, 1}}};
+};
+struct AT {  // output transform: Y = AT M AT^T
+  static constexpr Mat<kOut, kIn> m = {{{1, 1, 1, 1, 1, 0},
+                                        {0, 1, -1, 2, -2, 0},
+                                        {0, 1, 1, 4, 4, 0},
+                                        {0, 1, -1, 8, -8, 1}}};
+};
+struct BTt {  // adjoint of the input transform: dd = BT^T dV BT
+  static constexpr Mat<kIn, kIn> m = Transpose(BT::m);
+};
+struct ATt {  // adjoint of the output transform: dM = AT^T dY AT
+  static constexpr Mat<kIn, kOut> m = Transpose(AT::m);
+};
+
+// out = L in R^T for every lane, L (R1 x K1), R (R2 x K2) compile-time constants: the loops
+// unroll over the constants, so zero coefficients cost nothing, and the lane loop vectorises.
+template <class L, class R, int R1, int K1, int R2, int K2>
+inline void Transform2D(const float (&in)[K1][K2][kLanes], float (&out)[R1][R2][kLanes]) {
+  constexpr auto &l = L::m.v;
+  constexpr auto &r = R::m.v;
+  float half[R1][K2][kLanes];
+#pragma GCC unroll 8
+  for (int i = 0; i < R1; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < K2; ++j) {
+      float acc[kLanes] = {};
+#pragma GCC unroll 8
+      for (int k = 0; k < K1; ++k) {
+        if (l[i][k] != 0.0f) {
+          for (int lane = 0; lane < kLanes; ++lane) acc[lane] += l[i][k] * in[k][j][lane];
+        }
+      }
+      std::memcpy(half[i][j], acc, sizeof(acc));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R1; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < R2; ++j) {
+      float acc[kLanes] = {};
+#pragma GCC unroll 8
+      for (int k = 0; k < K2; ++k) {
+        if (r[j][k] != 0.0f) {
+          for (int lane = 0; lane < kLanes; ++lane) acc[lane] += half[i][k][lane] * r[j][k];
+        }
+      }
+      std::memcpy(out[i][j], acc, sizeof(acc));
+    }
+  }
+}
+
+// Geometry of one call: the NCHW tensor and the chunked tile tensors.
+struct Geometry {
+  int64_t images, channels, height, width;
+  int64_t tiles_y, tiles_x, chunk_tiles;
+  std::vector<float *> chunks;   // base pointer of each chunk
+  std::vector<int64_t> widths;   // tiles in each chunk
+};
+
+// Reads the geometry from MindSpore's params; returns false on malformed shapes.
+bool MakeGeometry(int nparam, void **params, int *ndims, int64_t **shapes, int image_index,
+                  int first_chunk, int num_chunks, Geometry *g) {
+  if (num_chunks < 1 || image_index >= nparam || first_chunk + num_chunks > nparam) return false;
+  if (ndims[image_index] != 4) return false;
+  const int64_t *s = shapes[image_index];
+  g->images = s[0];
+  g->channels = s[1];
+  g->height = s[2];
+  g->width = s[3];
+  g->tiles_y = (g->height + kOut - 1) / kOut;
+  g->tiles_x = (g->width + kOut - 1) / kOut;
+  int64_t total = 0;
+  for (int k = 0; k < num_chunks; ++k) {
+    const int index = first_chunk + k;
+    if (ndims[index] != 3 || shapes[index][0] != kPoints || shapes[index][1] != g->channels) {
+      return false;
+    }
+    g->chunks.push_back(static_cast<float *>(params[index]));
+    g->widths.push_back(shapes[index][2]);
+    total += shapes[index][2];
+  }
+  g->chunk_tiles = g->widths[0];
+  for (int k = 0; k + 1 < num_chunks; ++k) {
+    if (g->widths[k] != g->chunk_tiles) return false;
+  }
+  return total == g->images * g->tiles_y * g->tiles_x;
+}
+
+// Up to kLanes consecutive tiles of one plane that lie in one chunk: their columns are
+// contiguous there. `offset[lane]` is the top-left of each tile in a plane buffer whose rows are
+// `row` floats long and whose tiles start every kOut pixels (unused lanes repeat the last tile).
+struct Block {
+  float *column;      // chunk column of the first tile, point 0
+  int64_t point_stride;
+  int count;
+  int64_t offset[kLanes];
+};
+
+// Calls visit(block) for every block of the plane (image, channel), in tile order.
+template <class Visit>
+void ForEachBlock(const Geometry &g, int64_t image, int64_t channel, int64_t row,
+                  Visit visit) {
+  const int64_t plane_tiles = g.tiles_y * g.tiles_x;
+  Block b;
+  for (int64_t q0 = 0; q0 < plane_tiles; q0 += b.count) {
+    const int64_t t0 = image * plane_tiles + q0;
+    const int64_t k = t0 / g.chunk_tiles;
+    const int64_t col = t0 - k * g.chunk_tiles;
+    b.count = static_cast<int>(std::min<int64_t>({kLanes, plane_tiles - q0, g.widths[k] - col}));
+    b.column = g.chunks[k] + channel * g.widths[k] + col;
+    b.point_stride = g.channels * g.widths[k];
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t q = q0 + std::min(lane, b.count - 1);
+      b.offset[lane] = (q / g.tiles_x) * kOut * row + (q % g.tiles_x) * kOut;
+    }
+    visit(b);
+  }
+}
+
+// Loads the block's tile columns of all points (unused lanes repeat the last tile).
+inline void LoadColumns(const Block &b, float (&out)[kIn][kIn][kLanes]) {
+  for (int p = 0; p < kPoints; ++p) {
+    const float *src = b.column + p * b.point_stride;
+    if (b.count == kLanes) {
+      std::memcpy(out[p / kIn][p % kIn], src, sizeof(float) * kLanes);
+    } else {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        out[p / kIn][p % kIn][lane] = src[std::min(lane, b.count - 1)];
+      }
+    }
+  }
+}
+
+int InputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
+  Geometry g;
+  if (!MakeGeometry(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int64_t row = g.tiles_x * kOut + 2, rows = g.tiles_y * kOut + 2;
+  const int64_t planes = g.images * g.channels;
+#pragma omp parallel
+  {
+    std::vector<float> padded(rows * row);  // the plane with its zero border and tile overhang
+    float d[kIn][kIn][kLanes], v[kIn][kIn][kLanes];
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      const float *src = x + plane * g.height * g.width;
+      std::fill(padded.begin(), padded.end(), 0.0f);
+      for (int64_t y = 0; y < g.height; ++y) {
+        std::memcpy(&padded[(y + 1) * row + 1], src + y * g.width, sizeof(float) * g.width);
+      }
+      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+        for (int i = 0; i < kIn; ++i) {
+          for (int j = 0; j < kIn; ++j) {
+            for (int lane = 0; lane < kLanes; ++lane) {
+              d[i][j][lane] = padded[b.offset[lane] + i * row + j];
+            }
+          }
+        }
+        Transform2D<BT, BT>(d, v);
+        for (int p = 0; p < kPoints; ++p) {
+          float *dst = b.column + p * b.point_stride;
+          for (int lane = 0; lane < b.count; ++lane) dst[lane] = v[p / kIn][p % kIn][lane];
+        }
+      });
+    }
+  }
+  return 0;
+}
+
+int OutputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
+  Geometry g;
+  const int image_index = nparam - 1;  // params[0] only carries the input's shape (see above)
+  if (!MakeGeometry(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
+  float *y = static_cast<float *>(params[image_index]);
+  const int64_t row = g.tiles_x * kOut, rows = g.tiles_y * kOut;
+  const int64_t planes = g.images * g.channels;
+#pragma omp parallel
+  {
+    std::vector<float> tiled(rows * row);  // whole output tiles, cropped when copied out
+    float mm[kIn][kIn][kLanes], out[kOut][kOut][kLanes];
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+        LoadColumns(b, mm);
+        Transform2D<AT, AT>(mm, out);
+        for (int lane = 0; lane < b.count; ++lane) {
+          for (int i = 0; i < kOut; ++i) {
+            for (int j = 0; j < kOut; ++j) tiled[b.offset[lane] + i * row + j] = out[i][j][lane];
+          }
+        }
+      });
+      float *dst = y + plane * g.height * g.width;
+      for (int64_t yy = 0; yy < g.height; ++yy) {
+        std::memcpy(dst + yy * g.width, &tiled[yy * row], sizeof(float) * g.width);
+      }
+    }
+  }
+  return 0;
+}
+
+int InputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
+  Geometry g;
+  const int image_index = nparam - 1;  // params[0] only carries the input's shape (see above)
+  if (!MakeGeometry(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
+  float *dx = static_cast<float *>(params[image_index]);
+  const int64_t row = g.tiles_x * kOut + 2, rows = g.tiles_y * kOut + 2;
+  const int64_t planes = g.images * g.channels;
+#pragma omp parallel
+  {
+    std::vector<float> padded(rows * row);  // gradient of the padded plane
+    float dv[kIn][kIn][kLanes], dd[kIn][kIn][kLanes];
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      std::fill(padded.begin(), padded.end(), 0.0f);
+      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+        LoadColumns(b, dv);
+        Transform2D<BTt, BTt>(dv, dd);
+        // Neighbouring tiles overlap by two pixels: accumulate one tile at a time.
+        for (int lane = 0; lane < b.count; ++lane) {
+          for (int i = 0; i < kIn; ++i) {
+            for (int j = 0; j < kIn; ++j) padded[b.offset[lane] + i * row + j] += dd[i][j][lane];
+          }
+        }
+      });
+      float *dst = dx + plane * g.height * g.width;
+      for (int64_t yy = 0; yy < g.height; ++yy) {
+        std::memcpy(dst + yy * g.width, &padded[(yy + 1) * row + 1], sizeof(float) * g.width);
+      }
+    }
+  }
+  return 0;
+}
+
+int OutputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
+  Geometry g;
+  if (!MakeGeometry(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const int64_t row = g.tiles_x * kOut, rows = g.tiles_y * kOut;
+  const int64_t planes = g.images * g.channels;
+#pragma omp parallel
+  {
+    // dY on whole tiles: outputs cropped at the image border receive no gradient (zeros).
+    std::vector<float> tiled(rows * row);
+    float dout[kOut][kOut][kLanes], dm[kIn][kIn][kLanes];
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      const float *src = dy + plane * g.height * g.width;
+      std::fill(tiled.begin(), tiled.end(), 0.0f);
+      for (int64_t yy = 0; yy < g.height; ++yy) {
+        std::memcpy(&tiled[yy * row], src + yy * g.width, sizeof(float) * g.width);
+      }
+      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+        for (int i = 0; i < kOut; ++i) {
+          for (int j = 0; j < kOut; ++j) {
+            for (int lane = 0; lane < kLanes; ++lane) {
+              dout[i][j][lane] = tiled[b.offset[lane] + i * row + j];
+            }
+          }
+        }
+        Transform2D<ATt, ATt>(dout, dm);
+        for (int p = 0; p < kPoints; ++p) {
+          float *dst = b.column + p * b.point_stride;
+          for (int lane = 0; lane < b.count; ++lane) dst[lane] = dm[p / kIn][p % kIn][lane];
+        }
+      });
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+#define WINOGRAD_ENTRY(NAME, FUNCTION)                                                      \
+  extern "C" int NAME(int nparam, void **params, int *ndims, int64_t **shapes,             \
+                      const char **dtypes, void *stream, void *extra) {                    \
+    (void)stream;                                                                          \
+    (void)extra;                                                                           \
+    for (int i = 0; i < nparam; ++i) {                                                     \
+      if (std::strcmp(dtypes[i], "float32") != 0) return 2;                                \
+    }                                                                                      \
+    return FUNCTION(nparam, params, ndims, shapes);                                         \
+  }
+
+WINOGRAD_ENTRY(WinogradF4Input, InputTransform)
+WINOGRAD_ENTRY(WinogradF4Output, OutputTransform)
+WINOGRAD_ENTRY(WinogradF4InputAdjoint, InputAdjoint)
+WINOGRAD_ENTRY(WinogradF4OutputAdjoint, OutputAdjoint)
