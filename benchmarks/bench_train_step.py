@@ -11,7 +11,10 @@ kernels), on a synthetic batch that follows the batch contract (``--batch`` imag
 
 1. **Train step** (``step_s_<impl>``, winograd and unfold): wall time of one full training step
    (forward, backward, loss scaling, momentum-SGD update; ``instaboost.engine.train_step.make_train_step`` in
-   PyNative mode): one warm-up step, then the mean of ``--steps`` timed steps.
+   PyNative mode): one warm-up step, then the mean of ``--steps`` timed steps. The model is
+   built as the train task builds it in PyNative mode: the mask head runs on the sampled
+   positives (``mask_head_rois`` in the JSON) and the assigners on the occupied GT slots;
+   ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes).
    MindSpore's native CPU convolutions run at about 1 GFLOP/s, so a native step at 512² takes
    about 20 minutes (1.4 TFLOP of convolutions). By default (``--native-step estimate``) it is therefore
    *estimated* as ``step_s_unfold - conv_s_unfold + conv_s_native`` (the non-convolution work is
@@ -118,13 +121,13 @@ def synthetic_batch(batch: int, size: int, num_gts: int, mask_size: int, objects
     return tuple(Tensor(a) for a in (image, img_meta, boxes, labels, masks, valid, crowd))
 
 
-def build(impl: str, detector_cfg, backbone_cfg):
+def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool):
     """(detector, train step) for one convolution implementation."""
     from instaboost.builders import build_detector
     from instaboost.engine.train_step import build_loss_scaler, make_train_step
 
     detector = build_detector(detector_cfg, backbone_cfg, num_classes=COCO_NUM_CLASSES,
-                              conv_impl=impl, seed=SEED)
+                              conv_impl=impl, seed=SEED, trim_empty_slots=trim_empty_slots)
     detector.set_train(True)
     optimizer = nn.Momentum(detector.trainable_params(), learning_rate=BASE_LR,
                             momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -307,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
                         help="native layers above this forward GFLOP run on a reduced shape")
     parser.add_argument("--native-step", choices=("estimate", "measure", "skip"),
                         default="estimate")
+    parser.add_argument("--fixed-slots", action="store_true",
+                        help="run the mask head on all sampled-positive slots and the assigners "
+                             "on all num_gts GT slots (graph mode's fixed shapes) instead of the "
+                             "occupied ones, as the PyNative train task does")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="MindSpore CPU kernel threads (0: MindSpore's default)")
     parser.add_argument("--override", action="append", default=[],
@@ -332,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     fast_impls = ("winograd", "unfold")
     impls = fast_impls if args.native_step == "skip" else fast_impls + ("native",)
     for impl in impls:
-        detector, step = build(impl, detector_cfg, backbone_cfg)
+        detector, step = build(impl, detector_cfg, backbone_cfg, not args.fixed_slots)
         if not calls:
             # Recorded on a fast model (a native forward alone takes minutes); every model has
             # the same cells under the same names.
@@ -361,7 +368,10 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     def native(value):
         return None if "native" not in conv else round(value(), 3)
 
+    mask_rois = next((c.input_shape[0] for c in calls if "mask_head" in c.name), 0)
     result.update({
+        "fixed_slots": args.fixed_slots,
+        "mask_head_rois": mask_rois,
         "step_s_native": native(lambda: steps["native"]),
         "step_s_native_estimated": estimated,
         "step_s_unfold": round(steps["unfold"], 3),

@@ -18,10 +18,11 @@ only Python loops run over B, FPN levels or heads.
 """
 from __future__ import annotations
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from instaboost.models.roi_heads import Detections, StandardRoIHeads
+from instaboost.models.roi_heads import ACTIVE_SLOT_BUCKET, Detections, StandardRoIHeads
 from instaboost.models.rpn import RPNHead
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask")
@@ -62,6 +63,9 @@ class MaskRCNN(nn.Cell):
                       gt_masks: Tensor, gt_valid: Tensor, gt_crowd: Tensor) -> dict[str, Tensor]:
         """Training losses: dict of float32 scalars keyed by ``LOSS_NAMES``."""
         _check_batch(image, img_meta, gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd)
+        if self.roi_heads.trim_empty_slots:
+            gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd = _drop_trailing_empty_slots(
+                gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd)
         features = self.extract_features(image)
         rpn_losses, proposals, proposal_valid = self.rpn_head.forward_train(
             features, img_meta, gt_boxes, gt_valid, gt_crowd)
@@ -88,6 +92,24 @@ class MaskRCNN(nn.Cell):
         dets: Detections = self.roi_heads.forward_test(features, img_meta, proposals,
                                                        proposal_valid)
         return dets.boxes, dets.scores, dets.labels, dets.valid, dets.masks
+
+
+def _drop_trailing_empty_slots(gt_boxes: Tensor, gt_labels: Tensor, gt_masks: Tensor,
+                               gt_valid: Tensor, gt_crowd: Tensor) -> tuple:
+    """GT tensors cut to the slots up to the last valid GT of the batch, rounded up to
+    ACTIVE_SLOT_BUCKET (PyNative only: the shapes then vary).
+
+    num_gts is sized for the most crowded image (100 by default), real images have a few GTs,
+    and every assigner computes IoUs against all slots: (B, anchors, G) for the RPN. Empty slots
+    are invalid and ignored by every loss, so only the samplers' random draws change.
+    """
+    slots = gt_valid.shape[1]
+    used = np.flatnonzero(gt_valid.asnumpy().any(axis=0))
+    needed = int(used[-1]) + 1 if used.size else 0
+    keep = min(slots, max(ACTIVE_SLOT_BUCKET, -(-needed // ACTIVE_SLOT_BUCKET) * ACTIVE_SLOT_BUCKET))
+    if keep == slots:
+        return gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd
+    return tuple(t[:, :keep] for t in (gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd))
 
 
 def _check_batch(image, img_meta, gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd) -> None:

@@ -13,11 +13,14 @@ to the level, shifted by -0.5 feature pixel, split into S x S bins, each average
 edge values within it). As in MindSpore's ``ROIAlign`` (``roi_end_mode=0``), RoI sides are at least
 one feature pixel.
 
-Two implementations with the same forward numerics (tests compare both with a plain loop):
+Three implementations with the same forward numerics (tests compare them with a plain loop):
   * ``"gather"`` (default): all levels flattened into one NHWC row table; each RoI gathers only
     the ``S*S*(2*ratio)^2`` pixels it needs from its own level and combines them with one batched
     matmul. Its gradient is exact (adjoint test). Measured on CPU with 1024 RoIs over 4 levels:
     about 5x faster forward and 20x faster forward+backward than the native path.
+  * ``"kernel"``: the same sampling grid evaluated by C++ kernels (``kernels/cpu/roi_align.cc``,
+    MindSpore AOT ops, CPU only) that read each tap straight from the map and accumulate the
+    exact adjoint straight into it, instead of materialising every tap of every channel.
   * ``"native"``: ``ops.ROIAlign`` on every level for every RoI, combined with level masks.
     Caution: in MindSpore 2.10 the CPU backward of ``ops.ROIAlign`` returns wrong feature
     gradients (it fails the adjoint test, see tests/models/test_roi_heads.py); use it for
@@ -25,12 +28,14 @@ Two implementations with the same forward numerics (tests compare both with a pl
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from instaboost.models.layers.native_kernels import kernel_library
 from instaboost.structures.boxes import box_scale
 
 # Relative tolerance at level boundaries (mmdetection adds 1e-6 inside its log2).
@@ -39,7 +44,7 @@ LEVEL_EPS = 1e-6
 HALF_PIXEL = 0.5
 # Bilinear samples farther than this many pixels outside the map read zero (RoIAlign rule).
 OUTSIDE_MARGIN = 1.0
-ROI_IMPLS = ("native", "gather")
+ROI_IMPLS = ("native", "gather", "kernel")
 
 
 def map_roi_levels(boxes: Tensor, num_levels: int, finest_scale: float) -> Tensor:
@@ -82,6 +87,43 @@ def _axis_samples(start: Tensor, length: Tensor, size: Tensor, out_size: int,
             (1.0 - frac) * scale, frac * scale)
 
 
+class SamplingGrid(NamedTuple):
+    """Where each RoI bin samples its level map: T = 2 * sampling_ratio taps per axis.
+
+    batch int32 (N,); y_pos / x_pos int32 (N, S, T) rows / columns of the RoI's level map;
+    y_wgt / x_wgt float32 (N, S, T) their weights (bilinear x 1/ratio, 0 outside the map), so
+    ``out[n, c, i, j] = sum_ab y_wgt[n,i,a] x_wgt[n,j,b] F[batch, c, y_pos[n,i,a], x_pos[n,j,b]]``.
+    """
+
+    batch: Tensor
+    y_pos: Tensor
+    y_wgt: Tensor
+    x_pos: Tensor
+    x_wgt: Tensor
+
+
+def sampling_grid(features: Sequence[Tensor], rois: Tensor, levels: Tensor,
+                  strides: Sequence[float], out_size: int, sampling_ratio: int) -> SamplingGrid:
+    """RoIAlign's sampling grid of every RoI on its own level (weights without gradient)."""
+    heights = Tensor(np.asarray([f.shape[2] for f in features], np.float32))
+    widths = Tensor(np.asarray([f.shape[3] for f in features], np.float32))
+    level_h = ops.gather(heights, levels, 0)
+    level_w = ops.gather(widths, levels, 0)
+    level_scale = ops.gather(Tensor(np.asarray([1.0 / s for s in strides], np.float32)), levels, 0)
+    x1 = rois[:, 1] * level_scale - HALF_PIXEL
+    y1 = rois[:, 2] * level_scale - HALF_PIXEL
+    roi_w = ops.maximum(rois[:, 3] * level_scale - HALF_PIXEL - x1, 1.0)
+    roi_h = ops.maximum(rois[:, 4] * level_scale - HALF_PIXEL - y1, 1.0)
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, roi_h, level_h, out_size, sampling_ratio)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, roi_w, level_w, out_size, sampling_ratio)
+    return SamplingGrid(
+        batch=rois[:, 0].astype(ms.int32),
+        y_pos=ops.concat([y_lo, y_hi], axis=2),
+        y_wgt=ops.stop_gradient(ops.concat([wy_lo, wy_hi], axis=2)),
+        x_pos=ops.concat([x_lo, x_hi], axis=2),
+        x_wgt=ops.stop_gradient(ops.concat([wx_lo, wx_hi], axis=2)))
+
+
 def roi_align_gather(features: Sequence[Tensor], rois: Tensor, levels: Tensor,
                      strides: Sequence[float], out_size: int, sampling_ratio: int) -> Tensor:
     """Gather-based RoIAlign over several levels, each RoI sampled from its own level only.
@@ -96,37 +138,57 @@ def roi_align_gather(features: Sequence[Tensor], rois: Tensor, levels: Tensor,
     widths = [f.shape[3] for f in features]
     bases = np.cumsum([0] + [batch * h * w for h, w in zip(heights, widths)])[:-1]
     table = ops.concat([f.transpose(0, 2, 3, 1).reshape(-1, channels) for f in features], axis=0)
+    grid = sampling_grid(features, rois, levels, strides, out_size, sampling_ratio)
 
     level_base = ops.gather(Tensor(bases.astype(np.int32)), levels, 0)
-    level_h = ops.gather(Tensor(np.asarray(heights, np.float32)), levels, 0)
-    level_w = ops.gather(Tensor(np.asarray(widths, np.float32)), levels, 0)
-    level_scale = ops.gather(Tensor(np.asarray([1.0 / s for s in strides], np.float32)), levels, 0)
-
-    batch_idx = rois[:, 0].astype(ms.int32)
-    x1 = rois[:, 1] * level_scale - HALF_PIXEL
-    y1 = rois[:, 2] * level_scale - HALF_PIXEL
-    roi_w = ops.maximum(rois[:, 3] * level_scale - HALF_PIXEL - x1, 1.0)
-    roi_h = ops.maximum(rois[:, 4] * level_scale - HALF_PIXEL - y1, 1.0)
-    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, roi_h, level_h, out_size, sampling_ratio)
-    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, roi_w, level_w, out_size, sampling_ratio)
-
+    level_h = ops.gather(Tensor(np.asarray(heights, np.int32)), levels, 0)
+    level_w = ops.gather(Tensor(np.asarray(widths, np.int32)), levels, 0)
     taps = 2 * sampling_ratio
-    # Per axis: (N, S, taps) tap positions and weights.
-    y_pos = ops.concat([y_lo, y_hi], axis=2)
-    y_wgt = ops.concat([wy_lo, wy_hi], axis=2)
-    x_pos = ops.concat([x_lo, x_hi], axis=2)
-    x_wgt = ops.concat([wx_lo, wx_hi], axis=2)
-    width_i = level_w.astype(ms.int32).reshape(-1, 1, 1)
-    row_base = (level_base + batch_idx * (level_h * level_w).astype(ms.int32)).reshape(-1, 1, 1)
-    row_off = row_base + y_pos * width_i  # (N, S, taps)
-    index = row_off.reshape(num_rois, out_size, 1, taps, 1) + x_pos.reshape(
+    row_base = (level_base + grid.batch * level_h * level_w).reshape(-1, 1, 1)
+    row_off = row_base + grid.y_pos * level_w.reshape(-1, 1, 1)  # (N, S, taps)
+    index = row_off.reshape(num_rois, out_size, 1, taps, 1) + grid.x_pos.reshape(
         num_rois, 1, out_size, 1, taps)
-    weight = y_wgt.reshape(num_rois, out_size, 1, taps, 1) * x_wgt.reshape(
+    weight = grid.y_wgt.reshape(num_rois, out_size, 1, taps, 1) * grid.x_wgt.reshape(
         num_rois, 1, out_size, 1, taps)
     bins = num_rois * out_size * out_size
     gathered = ops.gather(table, index.reshape(-1), 0).reshape(bins, taps * taps, channels)
-    pooled = ops.bmm(ops.stop_gradient(weight).reshape(bins, 1, taps * taps), gathered)
+    pooled = ops.bmm(weight.reshape(bins, 1, taps * taps), gathered)
     return pooled.reshape(num_rois, out_size, out_size, channels).transpose(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_ops(num_levels: int) -> ops.Custom:
+    """RoIAlign forward AOT op over ``num_levels`` maps, its adjoint as bprop."""
+    library = kernel_library("roi_align")
+    grid_inputs = len(SamplingGrid._fields) + 1      # levels + the grid
+
+    def out_shape(*shapes):
+        rois, bins = shapes[num_levels + 2][0], shapes[num_levels + 2][1]
+        return (rois, shapes[0][1], bins, bins)
+
+    backward = ops.Custom(f"{library}:RoIAlignBackward",
+                          out_shape=lambda *shapes: tuple(shapes[1 + grid_inputs:]),
+                          out_dtype=lambda *dtypes: tuple(dtypes[1 + grid_inputs:]),
+                          func_type="aot")
+
+    def bprop(*args):
+        features, grid = args[:num_levels], args[num_levels:num_levels + grid_inputs]
+        dout = args[-1]
+        dfeatures = backward(dout, *grid, *features)
+        if num_levels == 1:
+            dfeatures = (dfeatures,)
+        return tuple(dfeatures) + tuple(ops.zeros_like(t) for t in grid)
+
+    return ops.Custom(f"{library}:RoIAlignForward", out_shape=out_shape,
+                      out_dtype=lambda *dtypes: dtypes[0], func_type="aot", bprop=bprop)
+
+
+def roi_align_kernel(features: Sequence[Tensor], rois: Tensor, levels: Tensor,
+                     strides: Sequence[float], out_size: int, sampling_ratio: int) -> Tensor:
+    """RoIAlign by the C++ kernels of ``kernels/cpu/roi_align.cc`` (CPU only), same grid and
+    arguments as `roi_align_gather`. Returns float32 (N, C, S, S)."""
+    grid = sampling_grid(features, rois, levels, strides, out_size, sampling_ratio)
+    return _kernel_ops(len(features))(*features, levels.astype(ms.int32), *grid)
 
 
 class RoIExtractor(nn.Cell):
@@ -137,7 +199,8 @@ class RoIExtractor(nn.Cell):
         featmap_strides: strides of the levels used (the first len(strides) input maps).
         finest_scale: RoI scale mapped to the boundary between levels 0 and 1 (56).
         sampling_ratio: bilinear samples per bin side.
-        impl: "native" (ops.ROIAlign) or "gather" (CPU-fast, same numerics).
+        impl: "native" (ops.ROIAlign), "gather" (CPU-fast, same numerics) or "kernel" (C++,
+            CPU only, fastest).
     """
 
     def __init__(self, *, out_size: int, featmap_strides: Sequence[int], finest_scale: float,
@@ -162,9 +225,10 @@ class RoIExtractor(nn.Cell):
         """features: >= L maps (B, C, H_l, W_l); rois (N, 5). Returns (N, C, S, S) float32."""
         features = tuple(features)[:self.num_levels]
         levels = map_roi_levels(rois[:, 1:], self.num_levels, self.finest_scale)
-        if self.impl == "gather":
-            return roi_align_gather(features, rois, levels, self.featmap_strides, self.out_size,
-                                    self.sampling_ratio)
+        if self.impl in ("gather", "kernel"):
+            align = roi_align_gather if self.impl == "gather" else roi_align_kernel
+            return align(features, rois, levels, self.featmap_strides, self.out_size,
+                         self.sampling_ratio)
         out = None
         for level, (feat, align) in enumerate(zip(features, self._align_ops)):
             shift = HALF_PIXEL * self.featmap_strides[level]

@@ -245,3 +245,26 @@ def test_builder_loads_pretrained_backbone_or_fails_loudly(cfg_global, tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         build_detector(small_detector_cfg(cfg_global.detector), backbone_cfg,
                        num_classes=NUM_CLASSES, conv_impl="unfold")
+
+
+def test_trimming_empty_gt_slots_keeps_every_valid_gt(monkeypatch):
+    """With trim_empty_slots (PyNative training) the assigners see the GT slots up to the last
+    valid one of the batch, rounded up to 8, wherever the valid ones sit."""
+    model = tiny_detector()
+    model.roi_heads.trim_empty_slots = True
+    arrays = [t.asnumpy().copy() for t in synthetic_batch(batch=2, num_gts=40)]
+    for gt in arrays[2:]:  # image 1's GTs (incl. its crowd region) move from slots 0-2 to 17-19
+        gt[1, 17:20] = gt[1, 0:3]
+        gt[1, 0:3] = 0
+    valid_count = int(arrays[5].sum())
+    seen = []
+    original = MaxIoUAssigner.assign
+
+    def spy(self, boxes, candidate_valid, gt_boxes, gt_valid, gt_crowd):
+        seen.append((gt_boxes.shape[1], int(gt_valid.asnumpy().sum())))
+        return original(self, boxes, candidate_valid, gt_boxes, gt_valid, gt_crowd)
+
+    monkeypatch.setattr(MaxIoUAssigner, "assign", spy)
+    total, losses, _ = loss_and_grads(model, [Tensor(a) for a in arrays])
+    assert seen == [(24, valid_count), (24, valid_count)]  # RPN and RCNN assigners
+    assert np.isfinite(total.asnumpy()) and float(losses["loss_mask"].asnumpy()) > 0

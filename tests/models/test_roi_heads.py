@@ -80,7 +80,7 @@ def test_map_roi_levels_thresholds():
     np.testing.assert_array_equal(levels, [0, 0, 1, 1, 2, 2, 3, 3])
 
 
-@pytest.mark.parametrize("impl", ["gather", "native"])
+@pytest.mark.parametrize("impl", ["gather", "kernel", "native"])
 def test_roi_align_matches_plain_reference(impl):
     rng = np.random.default_rng(1)
     feats = random_features()
@@ -97,6 +97,7 @@ def test_roi_align_matches_plain_reference(impl):
 
 @pytest.mark.parametrize("impl", [
     "gather",
+    "kernel",
     pytest.param("native", marks=pytest.mark.xfail(
         reason="MindSpore 2.10's CPU ROIAlign backward returns wrong feature gradients",
         strict=False)),
