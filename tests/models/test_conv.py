@@ -97,9 +97,30 @@ def test_winograd_matches_native(cin, cout, bias, shape):
     assert winograd.tile_chunks(shape[0], shape[2], shape[3])[0] <= winograd.TILE_CHUNK
     rng = np.random.default_rng(SEED)
     native = build_conv2d(cin, cout, 3, padding=1, has_bias=bias, impl="native")
-    fast = build_conv2d(cin, cout, 3, padding=1, has_bias=bias, impl="winograd")
-    assert isinstance(fast, WinogradConv2d)
+    fast = _winograd_always(build_conv2d(cin, cout, 3, padding=1, has_bias=bias,
+                                         impl="winograd"))
     _assert_same(native, fast, shape, rng)
+
+
+def _winograd_always(conv):
+    """`conv` with its small-input fallback to unfold switched off (tests use tiny inputs)."""
+    assert isinstance(conv, WinogradConv2d)
+    conv.min_tile_channels = 0
+    return conv
+
+
+def test_winograd_conv_falls_back_to_unfold_on_small_inputs(monkeypatch):
+    conv = build_conv2d(256, 8, 3, padding=1, impl="winograd")
+    assert not conv.uses_winograd((2, 256, 12, 12))    # 18 tiles x 256 channels
+    assert conv.uses_winograd((2, 256, 32, 32))        # 128 tiles
+    assert conv.uses_winograd((8, 256, 14, 14))        # 128 tiles
+    calls = []
+    monkeypatch.setattr(type(conv.function), "construct",
+                        lambda self, x, w: calls.append(x.shape) or ops.zeros((1,)))
+    rng = np.random.default_rng(SEED)
+    native = build_conv2d(256, 8, 3, padding=1, impl="native")
+    _assert_same(native, conv, (1, 256, 6, 5), rng)     # exact via the unfold path
+    assert not calls
 
 
 def test_winograd_maps_with_equal_tile_counts_keep_their_sizes():
@@ -107,7 +128,7 @@ def test_winograd_maps_with_equal_tile_counts_keep_their_sizes():
     RPN head sees P5 and P6). MindSpore caches AOT output shapes by input shapes."""
     rng = np.random.default_rng(SEED)
     native = build_conv2d(4, 4, 3, padding=1, impl="native")
-    fast = build_conv2d(4, 4, 3, padding=1, impl="winograd")
+    fast = _winograd_always(build_conv2d(4, 4, 3, padding=1, impl="winograd"))
     for side in (4, 2, 3, 4):
         _assert_same(native, fast, (2, 4, side, side), rng)
 
@@ -228,7 +249,7 @@ def test_unfold_never_runs_native_convolution(monkeypatch):
     assert any("Conv" in name for name in seen), "the recorder does not observe convolutions"
     seen.clear()
     cells = [build_conv2d(4, 4, 3, padding=1, impl="unfold"),
-             build_conv2d(4, 4, 3, padding=1, impl="winograd"),
+             _winograd_always(build_conv2d(4, 4, 3, padding=1, impl="winograd")),
              build_conv2d(4, 4, 1, stride=2, impl="unfold"),
              build_deconv2x2(4, 4, impl="unfold")]
     for cell in cells:
