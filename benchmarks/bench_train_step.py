@@ -160,10 +160,10 @@ class ConvCall(NamedTuple):
 
 
 def _is_conv(cell: nn.Cell) -> bool:
-    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2, WinogradConv2d
+    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2
 
-    return isinstance(cell, (UnfoldConv2d, WinogradConv2d, UnfoldDeconv2x2, nn.Conv2d,
-                             nn.Conv2dTranspose))
+    # WinogradConv2d is an UnfoldConv2d.
+    return isinstance(cell, (UnfoldConv2d, UnfoldDeconv2x2, nn.Conv2d, nn.Conv2dTranspose))
 
 
 def record_conv_calls(detector: nn.Cell, batch: Sequence[Tensor]) -> List[ConvCall]:
@@ -183,12 +183,12 @@ def record_conv_calls(detector: nn.Cell, batch: Sequence[Tensor]) -> List[ConvCa
 
 def conv_signature(cell: nn.Cell) -> Tuple:
     """Configuration of a convolution cell that determines its cost (impl-independent)."""
-    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2, WinogradConv2d
+    from instaboost.models.layers.conv import UnfoldConv2d, UnfoldDeconv2x2
 
     if isinstance(cell, (UnfoldDeconv2x2, nn.Conv2dTranspose)):
         cin, cout = cell.weight.shape[0], cell.weight.shape[1]
         return ("deconv2x2", cin, cout)
-    if isinstance(cell, (UnfoldConv2d, WinogradConv2d)):
+    if isinstance(cell, UnfoldConv2d):
         return ("conv", cell.in_channels, cell.out_channels, cell.kernel_size, cell.stride,
                 cell.padding, cell.groups, cell.has_bias)
     pad = cell.padding if isinstance(cell.padding, int) else tuple(cell.padding)[::2]

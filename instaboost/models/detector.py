@@ -22,7 +22,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from instaboost.models.roi_heads import ACTIVE_SLOT_BUCKET, Detections, StandardRoIHeads
+from instaboost.models.roi_heads import Detections, StandardRoIHeads, bucketed_slots
 from instaboost.models.rpn import RPNHead
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask")
@@ -96,8 +96,8 @@ class MaskRCNN(nn.Cell):
 
 def _drop_trailing_empty_slots(gt_boxes: Tensor, gt_labels: Tensor, gt_masks: Tensor,
                                gt_valid: Tensor, gt_crowd: Tensor) -> tuple:
-    """GT tensors cut to the slots up to the last valid GT of the batch, rounded up to
-    ACTIVE_SLOT_BUCKET (PyNative only: the shapes then vary).
+    """GT tensors cut to the slots up to the last valid GT of the batch, bucketed like the mask
+    branch's slots (`bucketed_slots`; PyNative only: the shapes then vary).
 
     num_gts is sized for the most crowded image (100 by default), real images have a few GTs,
     and every assigner computes IoUs against all slots: (B, anchors, G) for the RPN. Empty slots
@@ -106,7 +106,7 @@ def _drop_trailing_empty_slots(gt_boxes: Tensor, gt_labels: Tensor, gt_masks: Te
     slots = gt_valid.shape[1]
     used = np.flatnonzero(gt_valid.asnumpy().any(axis=0))
     needed = int(used[-1]) + 1 if used.size else 0
-    keep = min(slots, max(ACTIVE_SLOT_BUCKET, -(-needed // ACTIVE_SLOT_BUCKET) * ACTIVE_SLOT_BUCKET))
+    keep = bucketed_slots(needed, slots)
     if keep == slots:
         return gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd
     return tuple(t[:, :keep] for t in (gt_boxes, gt_labels, gt_masks, gt_valid, gt_crowd))

@@ -43,6 +43,12 @@ ACTIVE_SLOT_BUCKET = 8
 DEFAULT_TEST_NMS_PRE = 1000
 
 
+def bucketed_slots(needed: int, slots: int) -> int:
+    """Slots to compute when ``needed`` of ``slots`` hold real entries: ``needed`` rounded up to
+    ACTIVE_SLOT_BUCKET (at least one bucket), at most ``slots``."""
+    return min(slots, max(ACTIVE_SLOT_BUCKET, -(-needed // ACTIVE_SLOT_BUCKET) * ACTIVE_SLOT_BUCKET))
+
+
 class Detections(NamedTuple):
     """Fixed-size detections: boxes (B, D, 4), scores (B, D), labels int32 (B, D) 1..K,
     valid bool (B, D), masks float32 (B, D, T, T) probabilities of the predicted class."""
@@ -115,7 +121,7 @@ class StandardRoIHeads(nn.Cell):
         if not self.trim_empty_slots:
             return slots
         count = int(flags.astype(ms.int32).sum(axis=1).max().asnumpy())
-        return min(slots, max(ACTIVE_SLOT_BUCKET, -(-count // ACTIVE_SLOT_BUCKET) * ACTIVE_SLOT_BUCKET))
+        return bucketed_slots(count, slots)
 
     # ------------------------------------------------------------------ training
     def forward_train(self, features: Sequence[Tensor], img_meta: Tensor, proposals: Tensor,

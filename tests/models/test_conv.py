@@ -115,7 +115,7 @@ def test_winograd_conv_falls_back_to_unfold_on_small_inputs(monkeypatch):
     assert conv.uses_winograd((2, 256, 32, 32))        # 128 tiles
     assert conv.uses_winograd((8, 256, 14, 14))        # 128 tiles
     calls = []
-    monkeypatch.setattr(type(conv.function), "construct",
+    monkeypatch.setattr(type(conv.winograd), "construct",
                         lambda self, x, w: calls.append(x.shape) or ops.zeros((1,)))
     rng = np.random.default_rng(SEED)
     native = build_conv2d(256, 8, 3, padding=1, impl="native")
@@ -149,7 +149,7 @@ def test_winograd_tile_chunks():
 def test_winograd_impl_falls_back_to_unfold(kernel, stride, padding, groups):
     conv = build_conv2d(4, 4, kernel, stride=stride, padding=padding, groups=groups,
                         impl="winograd")
-    assert isinstance(conv, UnfoldConv2d)
+    assert isinstance(conv, UnfoldConv2d) and not isinstance(conv, WinogradConv2d)
     assert isinstance(build_deconv2x2(4, 4, impl="winograd"), UnfoldDeconv2x2)
 
 

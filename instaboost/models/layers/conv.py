@@ -495,10 +495,14 @@ class UnfoldConv2d(nn.Cell):
                          _UnfoldConvFunction(self.kernel_size, self.stride, self.padding, groups,
                                              chunk_bytes))
 
-    def construct(self, x: Tensor) -> Tensor:
+    def convolve(self, x: Tensor) -> Tensor:
+        """The convolution without bias."""
         if self.pointwise:
             x = subsample(x, self.stride)
-        y = self.function(x, self.weight)
+        return self.function(x, self.weight)
+
+    def construct(self, x: Tensor) -> Tensor:
+        y = self.convolve(x)
         if self.bias is not None:
             y = ops.bias_add(y, self.bias)
         return y
@@ -600,7 +604,7 @@ class UnfoldDeconv2x2(nn.Cell):
         return ops.bias_add(self.function(x, self.weight), self.bias)
 
 
-class WinogradConv2d(nn.Cell):
+class WinogradConv2d(UnfoldConv2d):
     """3x3 convolution, stride 1, padding 1, groups 1, by Winograd F(4x4, 3x3) (see winograd.py).
 
     Same parameters as `UnfoldConv2d` / ``nn.Conv2d``: ``weight`` float32 (O, C, 3, 3), ``bias``
@@ -609,7 +613,7 @@ class WinogradConv2d(nn.Cell):
     Winograd pays off only with enough tiles: its weight-domain work (36 x O x C transformed
     weights and their gradient) does not shrink with the input, and MindSpore's BatchMatMul is
     slow on a few columns. Inputs with fewer than ``min_tile_channels`` (4x4 output tiles of the
-    whole batch x input channels) run on the unfold path instead, with the same parameters.
+    whole batch x input channels) run on the inherited unfold path instead, same parameters.
     Measured per call, fwd+bwd, Winograd vs unfold: (2, 256, 12, 12) 0.074 vs 0.019 s; (2, 256,
     32, 32) 0.036 vs 0.112 s; (2, 64, 48, 48) 0.028 vs 0.019 s; (2, 64, 128, 128) 0.052 vs
     0.163 s.
@@ -619,20 +623,8 @@ class WinogradConv2d(nn.Cell):
     MIN_TILE_CHANNELS = 32768
 
     def __init__(self, in_channels: int, out_channels: int, *, has_bias: bool = False):
-        super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = self.KERNEL
-        self.stride = (1, 1)
-        self.padding = (1, 1)
-        self.groups = 1
-        self.has_bias = has_bias
-        _init_weight_and_bias(self, (out_channels, in_channels) + self.KERNEL,
-                              in_channels * self.KERNEL[0] * self.KERNEL[1], has_bias,
-                              out_channels)
-        self.function = WinogradConvFunction()
-        self.fallback = _UnfoldConvFunction(self.KERNEL, self.stride, self.padding, 1,
-                                            PATCH_CHUNK_BYTES)
+        super().__init__(in_channels, out_channels, self.KERNEL, padding=1, has_bias=has_bias)
+        self.winograd = WinogradConvFunction()
         self.min_tile_channels = self.MIN_TILE_CHANNELS
 
     def uses_winograd(self, input_shape: Sequence[int]) -> bool:
@@ -649,17 +641,13 @@ class WinogradConv2d(nn.Cell):
                 and _pair(stride, "stride") == (1, 1) and _pair(padding, "padding") == (1, 1)
                 and groups == 1)
 
-    def construct(self, x: Tensor) -> Tensor:
-        function = self.function if self.uses_winograd(x.shape) else self.fallback
-        y = function(x, self.weight)
-        if self.bias is not None:
-            y = ops.bias_add(y, self.bias)
-        return y
+    def convolve(self, x: Tensor) -> Tensor:
+        if self.uses_winograd(x.shape):
+            return self.winograd(x, self.weight)
+        return super().convolve(x)
 
     def extend_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-                f"kernel_size={self.kernel_size}, winograd=F(4x4,3x3), "
-                f"has_bias={self.has_bias}")
+        return f"{super().extend_repr()}, winograd=F(4x4,3x3)"
 
 
 def disable_input_grad(conv: nn.Cell) -> nn.Cell:
@@ -667,7 +655,8 @@ def disable_input_grad(conv: nn.Cell) -> nn.Cell:
 
     The unfold path then skips the input-gradient computation (for the 7x7 stem that is most of
     its backward) and returns zeros for it; weight gradients are unchanged. Native convolutions
-    are returned untouched. Returns ``conv``.
+    are returned untouched, and a `WinogradConv2d` still computes it on its Winograd path (the
+    declaration only allows skipping). Returns ``conv``.
     """
     if isinstance(conv, UnfoldConv2d) and isinstance(conv.function, _UnfoldConvFunction):
         conv.function.input_grad = False
