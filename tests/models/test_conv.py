@@ -69,14 +69,20 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["unfold", "winograd"])
 @pytest.mark.parametrize("cin, cout, kernel, stride, padding, groups, bias, shape", CONV_CASES)
-def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias, shape):
+def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias, shape, impl):
+    """Unfold on MindSpore's matmul ("unfold") and on the C++ matmul kernel ("winograd": every
+    case here is either not 3x3/stride 1 or too small for Winograd, so it runs unfold)."""
     rng = np.random.default_rng(SEED)
     native = build_conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
                           has_bias=bias, impl="native")
     unfold = build_conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
-                          has_bias=bias, impl="unfold")
+                          has_bias=bias, impl=impl)
     assert isinstance(unfold, UnfoldConv2d)
+    assert unfold.matmul_impl == ("kernel" if impl == "winograd" else "mindspore")
+    if isinstance(unfold, WinogradConv2d):
+        assert not unfold.uses_winograd(shape)
     _assert_same(native, unfold, shape, rng)
 
 
@@ -179,10 +185,11 @@ def test_unfold_chunking_matches_native(groups, shape, chunk_bytes):
     _assert_same(native, unfold, shape, rng)
 
 
-def test_deconv2x2_matches_native():
+@pytest.mark.parametrize("impl", ["unfold", "winograd"])
+def test_deconv2x2_matches_native(impl):
     rng = np.random.default_rng(SEED)
     native = build_deconv2x2(4, 6, impl="native")
-    unfold = build_deconv2x2(4, 6, impl="unfold")
+    unfold = build_deconv2x2(4, 6, impl=impl)
     assert isinstance(unfold, UnfoldDeconv2x2)
     _assert_same(native, unfold, (3, 4, 5, 3), rng)
 

@@ -1,0 +1,91 @@
+"""Matrix products of the convolution paths: MindSpore's MatMul/BatchMatMul or the C++ kernel.
+
+``matmul(a, b, transpose_a, transpose_b, impl)`` multiplies float32 matrices, 2-D ``(M, K)`` or
+batched 3-D ``(B, M, K)`` (a 2-D operand is shared by every batch item of the other one):
+
+* ``impl="mindspore"``: ``ops.MatMul`` / ``ops.BatchMatMul``; needs no compiler.
+* ``impl="kernel"``: the AOT operator of ``kernels/cpu/gemm.cc`` (packed AVX-512 micro-kernel,
+  OpenMP). Measured on the 2-core project machine against MindSpore 2.10's CPU MatMul, per call:
+  (256, 64) x (64, 16384), a 1x1 convolution of the first ResNet stage, 115 vs 60-75 GFLOP/s;
+  (1024, 12544) x (12544, 1024), the box head's first layer, 160 vs 143; large square products
+  about 190 vs 150-175.
+
+Neither is differentiated by MindSpore here: the convolution functions that call ``matmul``
+(``conv.py``, ``winograd.py``) have their own ``bprop``, written with ``matmul`` too.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from instaboost.models.layers.native_kernels import kernel_library
+
+MATMUL_IMPLS = ("mindspore", "kernel")
+_LIBRARY = "gemm"
+# Kernel entry points by (transpose_a, transpose_b); no product here needs both transposed.
+_ENTRY_POINTS = {(False, False): "MatMulNN", (False, True): "MatMulNT", (True, False): "MatMulTN"}
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"matmul impl must be one of {MATMUL_IMPLS}, got {impl!r}")
+
+
+def product_shape(a_shape: Sequence[int], b_shape: Sequence[int], transpose_a: bool,
+                  transpose_b: bool) -> Tuple[int, ...]:
+    """Shape of op(a) · op(b) for 2-D or 3-D operands (see the module docstring).
+
+    Raises:
+        ValueError: ranks other than 2 or 3, different batch sizes, or mismatched inner sizes.
+    """
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    if len(a_shape) not in (2, 3) or len(b_shape) not in (2, 3):
+        raise ValueError(f"matmul operands must be 2-D or 3-D, got {a_shape} and {b_shape}")
+    m, k = (a_shape[-1], a_shape[-2]) if transpose_a else (a_shape[-2], a_shape[-1])
+    k_b, n = (b_shape[-1], b_shape[-2]) if transpose_b else (b_shape[-2], b_shape[-1])
+    if k != k_b:
+        raise ValueError(f"matmul inner sizes differ: {a_shape} (transposed: {transpose_a}) "
+                         f"and {b_shape} (transposed: {transpose_b})")
+    batches = {shape[0] for shape in (a_shape, b_shape) if len(shape) == 3}
+    if len(batches) > 1:
+        raise ValueError(f"matmul batch sizes differ: {a_shape} and {b_shape}")
+    return tuple(batches) + (m, n)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_op(transpose_a: bool, transpose_b: bool) -> ops.Custom:
+    """The AOT operator for one transposition; its output shape follows from its inputs'."""
+    function = _ENTRY_POINTS.get((transpose_a, transpose_b))
+    if function is None:
+        raise ValueError("the matmul kernel has no entry point with both operands transposed")
+    library = kernel_library(_LIBRARY)
+    return ops.Custom(f"{library}:{function}",
+                      out_shape=lambda a, b: product_shape(a, b, transpose_a, transpose_b),
+                      out_dtype=lambda a, b: ms.float32, func_type="aot")
+
+
+def load_kernel() -> None:
+    """Build (or find) the C++ library now, so that a missing compiler fails at model build."""
+    kernel_library(_LIBRARY)
+
+
+def matmul(a: Tensor, b: Tensor, transpose_a: bool = False, transpose_b: bool = False,
+           impl: str = "mindspore") -> Tensor:
+    """op(a) · op(b) for float32 2-D or 3-D tensors; 3-D result when either operand is 3-D."""
+    _check_impl(impl)
+    if impl == "kernel":
+        return _kernel_op(transpose_a, transpose_b)(a, b)
+    if a.ndim == 2 and b.ndim == 2:
+        return ops.MatMul(transpose_a, transpose_b)(a, b)
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] == 1 and b.shape[0] == 1:
+        # One batch item: the 2-D MatMul is faster than BatchMatMul on MindSpore's CPU backend.
+        out = ops.MatMul(transpose_a, transpose_b)(a[0], b[0])
+        return out.reshape((1,) + out.shape)
+    if a.ndim == 2:
+        a = ops.broadcast_to(a, (b.shape[0],) + a.shape)
+    if b.ndim == 2:
+        b = ops.broadcast_to(b, (a.shape[0],) + b.shape)
+    return ops.BatchMatMul(transpose_a, transpose_b)(a, b)

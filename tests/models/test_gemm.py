@@ -1,0 +1,61 @@
+"""The C++ matmul kernel (kernels/cpu/gemm.cc) against NumPy, in every layout the convolution
+paths use, with sizes that cross its register-tile and cache-block edges."""
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from instaboost.models.layers.gemm import matmul, product_shape
+
+SEED = 0
+RTOL = 1e-5
+
+
+def _reference(a, b, transpose_a, transpose_b):
+    a = np.swapaxes(a, -1, -2) if transpose_a else a
+    b = np.swapaxes(b, -1, -2) if transpose_b else b
+    return np.matmul(a.astype(np.float64), b.astype(np.float64))
+
+
+# (a shape, b shape, transpose_a, transpose_b): M, N off the 12 x 32 register tile; K over one
+# 192 block (uneven split); M over one 144 block; N narrow (rows split) and wide (slivers split);
+# 2-D operands shared by every batch item of a 3-D one.
+CASES = [
+    pytest.param((5, 7), (7, 9), False, False, id="tiny"),
+    pytest.param((37, 450), (450, 45), False, False, id="k-blocks"),
+    pytest.param((300, 70), (70, 33), False, False, id="m-blocks-narrow-n"),
+    pytest.param((29, 130), (1000, 130), False, True, id="nt-wide-n"),
+    pytest.param((260, 301), (260, 129), True, False, id="tn-m-and-k-blocks"),
+    pytest.param((3, 13, 20), (3, 20, 70), False, False, id="batched"),
+    pytest.param((13, 20), (4, 20, 70), False, False, id="shared-a"),
+    pytest.param((4, 13, 20), (70, 20), False, True, id="shared-b-nt"),
+    pytest.param((20, 13), (4, 20, 70), True, False, id="shared-a-tn"),
+]
+
+
+@pytest.mark.parametrize("a_shape, b_shape, transpose_a, transpose_b", CASES)
+def test_kernel_matches_numpy_and_mindspore(a_shape, b_shape, transpose_a, transpose_b):
+    rng = np.random.default_rng(SEED)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    expected = _reference(a, b, transpose_a, transpose_b)
+    for impl in ("kernel", "mindspore"):
+        got = matmul(Tensor(a), Tensor(b), transpose_a, transpose_b, impl=impl).asnumpy()
+        assert got.shape == expected.shape == product_shape(a_shape, b_shape, transpose_a,
+                                                            transpose_b)
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).max() / scale < RTOL, impl
+
+
+def test_product_shape_rejects_mismatches():
+    with pytest.raises(ValueError, match="inner sizes"):
+        product_shape((3, 4), (5, 6), False, False)
+    with pytest.raises(ValueError, match="batch sizes"):
+        product_shape((2, 3, 4), (3, 4, 5), False, False)
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        product_shape((3,), (3, 4), False, False)
+
+
+def test_unknown_impl_is_an_error():
+    x = Tensor(np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="matmul impl"):
+        matmul(x, x, impl="blas")
