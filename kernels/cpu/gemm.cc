@@ -13,8 +13,8 @@
 // costs nothing in the inner loop. The micro-kernel keeps a kMR x kNR tile of C in 24 AVX-512
 // registers over a whole K block (2 loads of B, 12 broadcasts of A, 24 FMAs per k) and adds
 // the tile to C (writes it for the first K block), with masked stores at the edges.
-// Threads (OpenMP) share the packed B panel and split its slivers between them (each packs
-// every A block for itself); a panel of a few slivers is split by rows of A instead.
+// Threads (OpenMP) run whole batch items when the batch splits evenly between them; otherwise
+// they work on one item at a time together (see GemmItemShared).
 //
 // Entry points (params: A, B, then C), named after the transpositions op(A), op(B):
 //   MatMulNN (A (.., M, K), B (.., K, N)) -> C (.., M, N)
@@ -148,63 +148,117 @@ void BlockTimesSlivers(const Problem &p, const float *a, int64_t lda, float *c, 
   }
 }
 
-void Gemm(const Problem &p) {
+// Block sizes of one problem. Equal blocks: K = 256 runs as 2 x 128 rather than 192 + 64 (a
+// short K block costs a full read-modify-write of C), M = 256 as 132 + 124, not 144 + 112.
+struct Blocking {
+  int kc, mc;
+  int64_t panel_cols;
+  explicit Blocking(const Problem &p) {
+    const int64_t k_blocks = (p.k + kKC - 1) / kKC, m_blocks = (p.m + kMC - 1) / kMC;
+    kc = static_cast<int>((p.k + k_blocks - 1) / k_blocks);
+    mc = static_cast<int>(((p.m + m_blocks - 1) / m_blocks + kMR - 1) / kMR * kMR);
+    panel_cols = std::min<int64_t>(kNC, (p.n + kNR - 1) / kNR * kNR);
+  }
+};
+
+float *PackBuffer(int64_t floats) {
+  return static_cast<float *>(std::aligned_alloc(kAlign, sizeof(float) * floats));
+}
+
+// Batch item `item` by the calling thread alone.
+void GemmItem(const Problem &p, const Blocking &blk, int64_t item, float *a_pack,
+              float *b_pack) {
   const int64_t lda = p.trans_a ? p.m : p.k, ldb = p.trans_b ? p.k : p.n;
+  const float *a = p.a + item * p.stride_a, *b = p.b + item * p.stride_b;
+  float *c = p.c + item * p.m * p.n;
+  for (int64_t jc = 0; jc < p.n; jc += kNC) {
+    const int nc = static_cast<int>(std::min<int64_t>(kNC, p.n - jc));
+    const int slivers = (nc + kNR - 1) / kNR;
+    for (int64_t pc = 0; pc < p.k; pc += blk.kc) {
+      const int kc = static_cast<int>(std::min<int64_t>(blk.kc, p.k - pc));
+      for (int s = 0; s < slivers; ++s) {
+        const int64_t j = jc + static_cast<int64_t>(s) * kNR;
+        const float *src = p.trans_b ? b + j * ldb + pc : b + pc * ldb + j;
+        PackBSliver(src, ldb, p.trans_b, static_cast<int>(std::min<int64_t>(kNR, p.n - j)), kc,
+                    b_pack + static_cast<int64_t>(s) * kc * kNR);
+      }
+      for (int64_t ic = 0; ic < p.m; ic += blk.mc) {
+        const int mc = static_cast<int>(std::min<int64_t>(blk.mc, p.m - ic));
+        BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, 0, slivers, b_pack, a_pack);
+      }
+    }
+  }
+}
+
+// Batch item `item` by all threads of the enclosing parallel region together: they share the
+// packed B panel and split its slivers (each packs every A block for itself); a panel of a few
+// slivers is split by rows of A instead.
+void GemmItemShared(const Problem &p, const Blocking &blk, int64_t item, float *a_pack,
+                    float *b_pack) {
+  const int64_t lda = p.trans_a ? p.m : p.k, ldb = p.trans_b ? p.k : p.n;
+  const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+  const float *a = p.a + item * p.stride_a, *b = p.b + item * p.stride_b;
+  float *c = p.c + item * p.m * p.n;
+  for (int64_t jc = 0; jc < p.n; jc += kNC) {
+    const int nc = static_cast<int>(std::min<int64_t>(kNC, p.n - jc));
+    const int slivers = (nc + kNR - 1) / kNR;
+    for (int64_t pc = 0; pc < p.k; pc += blk.kc) {
+      const int kc = static_cast<int>(std::min<int64_t>(blk.kc, p.k - pc));
+#pragma omp for schedule(static)
+      for (int s = 0; s < slivers; ++s) {
+        const int64_t j = jc + static_cast<int64_t>(s) * kNR;
+        const float *src = p.trans_b ? b + j * ldb + pc : b + pc * ldb + j;
+        PackBSliver(src, ldb, p.trans_b, static_cast<int>(std::min<int64_t>(kNR, p.n - j)), kc,
+                    b_pack + static_cast<int64_t>(s) * kc * kNR);
+      }
+      if (slivers >= 2 * threads) {
+        const int first = thread * slivers / threads;
+        const int last = (thread + 1) * slivers / threads;
+        for (int64_t ic = 0; ic < p.m; ic += blk.mc) {
+          const int mc = static_cast<int>(std::min<int64_t>(blk.mc, p.m - ic));
+          BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, first, last, b_pack, a_pack);
+        }
+#pragma omp barrier
+      } else {
+        const int mc_narrow = static_cast<int>(std::min<int64_t>(
+            blk.mc, ((p.m + threads - 1) / threads + kMR - 1) / kMR * kMR));
+#pragma omp for schedule(static)
+        for (int64_t ic = 0; ic < p.m; ic += mc_narrow) {
+          const int mc = static_cast<int>(std::min<int64_t>(mc_narrow, p.m - ic));
+          BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, 0, slivers, b_pack, a_pack);
+        }
+      }
+    }
+  }
+}
+
+void Gemm(const Problem &p) {
   if (p.k == 0) {
     std::memset(p.c, 0, sizeof(float) * p.batch * p.m * p.n);
     return;
   }
-  // Equal blocks: K = 256 runs as 2 x 128 rather than 192 + 64 (a short K block costs a full
-  // read-modify-write of C), M = 256 as 132 + 124 rather than 144 + 112.
-  const int64_t k_blocks = (p.k + kKC - 1) / kKC;
-  const int kc_size = static_cast<int>((p.k + k_blocks - 1) / k_blocks);
-  const int64_t m_blocks = (p.m + kMC - 1) / kMC;
-  const int mc_size = static_cast<int>(((p.m + m_blocks - 1) / m_blocks + kMR - 1) / kMR * kMR);
-  const int64_t panel_cols = std::min<int64_t>(kNC, (p.n + kNR - 1) / kNR * kNR);
-  float *b_pack = static_cast<float *>(std::aligned_alloc(kAlign, sizeof(float) * kKC *
-                                                                      panel_cols));
+  const Blocking blk(p);
+  const int threads = omp_get_max_threads();
+  // Batch items split evenly between the threads: each thread runs whole items, with no
+  // barrier at all (the shared scheme synchronises twice per K block; with many small items,
+  // e.g. the mask head's RoIs, threads spent a quarter of the step waiting there).
+  if (p.batch % threads == 0 || p.batch >= 4 * threads) {
+#pragma omp parallel
+    {
+      float *a_pack = PackBuffer(static_cast<int64_t>(kKC) * kMC);
+      float *b_pack = PackBuffer(kKC * blk.panel_cols);
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < p.batch; ++item) GemmItem(p, blk, item, a_pack, b_pack);
+      std::free(a_pack);
+      std::free(b_pack);
+    }
+    return;
+  }
+  float *b_pack = PackBuffer(kKC * blk.panel_cols);
 #pragma omp parallel
   {
-    float *a_pack = static_cast<float *>(std::aligned_alloc(kAlign, sizeof(float) * kKC * kMC));
-    const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    for (int64_t item = 0; item < p.batch; ++item) {
-      const float *a = p.a + item * p.stride_a, *b = p.b + item * p.stride_b;
-      float *c = p.c + item * p.m * p.n;
-      for (int64_t jc = 0; jc < p.n; jc += kNC) {
-        const int nc = static_cast<int>(std::min<int64_t>(kNC, p.n - jc));
-        const int slivers = (nc + kNR - 1) / kNR;
-        for (int64_t pc = 0; pc < p.k; pc += kc_size) {
-          const int kc = static_cast<int>(std::min<int64_t>(kc_size, p.k - pc));
-#pragma omp for schedule(static)
-          for (int s = 0; s < slivers; ++s) {
-            const int64_t j = jc + static_cast<int64_t>(s) * kNR;
-            const float *src = p.trans_b ? b + j * ldb + pc : b + pc * ldb + j;
-            PackBSliver(src, ldb, p.trans_b, static_cast<int>(std::min<int64_t>(kNR, p.n - j)),
-                        kc, b_pack + static_cast<int64_t>(s) * kc * kNR);
-          }
-          if (slivers >= 2 * threads) {
-            // Wide panel: each thread takes an equal share of the slivers and every A block
-            // (packing A again per thread costs 1/N of the products).
-            const int first = thread * slivers / threads;
-            const int last = (thread + 1) * slivers / threads;
-            for (int64_t ic = 0; ic < p.m; ic += mc_size) {
-              const int mc = static_cast<int>(std::min<int64_t>(mc_size, p.m - ic));
-              BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, first, last, b_pack, a_pack);
-            }
-#pragma omp barrier
-          } else {
-            // Narrow panel (a few columns): the threads split the rows of A instead.
-            const int mc_narrow = static_cast<int>(std::min<int64_t>(
-                mc_size, ((p.m + threads - 1) / threads + kMR - 1) / kMR * kMR));
-#pragma omp for schedule(static)
-            for (int64_t ic = 0; ic < p.m; ic += mc_narrow) {
-              const int mc = static_cast<int>(std::min<int64_t>(mc_narrow, p.m - ic));
-              BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, 0, slivers, b_pack, a_pack);
-            }
-          }
-        }
-      }
-    }
+    float *a_pack = PackBuffer(static_cast<int64_t>(kKC) * kMC);
+    for (int64_t item = 0; item < p.batch; ++item) GemmItemShared(p, blk, item, a_pack, b_pack);
     std::free(a_pack);
   }
   std::free(b_pack);
