@@ -12,9 +12,10 @@
 // into kMR-tall slivers, both k-major and zero-padded, so the transposition of either operand
 // costs nothing in the inner loop. The micro-kernel keeps a kMR x kNR tile of C in 24 AVX-512
 // registers over a whole K block (2 loads of B, 12 broadcasts of A, 24 FMAs per k) and adds
-// the tile to C (writes it for the first K block), with masked stores at the edges.
+// the tile to C (writes it for the first K block), with masked stores at the edges. Built for
+// a CPU without AVX-512, the same blocking runs a plain C++ micro-kernel (auto-vectorised).
 // Threads (OpenMP) run whole batch items when the batch splits evenly between them; otherwise
-// they work on one item at a time together (see GemmItemShared).
+// they work on one item at a time together (see GemmItem).
 //
 // Entry points (params: A, B, then C), named after the transpositions op(A), op(B):
 //   MatMulNN (A (.., M, K), B (.., K, N)) -> C (.., M, N)
@@ -23,8 +24,10 @@
 // A and B are 2-D or 3-D (leading batch axis); a 2-D operand is shared by every batch item of
 // the other one; with two 3-D operands the batch sizes must match. C is 3-D when either operand
 // is. Returns non-zero for a wrong dtype or inconsistent shapes.
-#include <immintrin.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -39,12 +42,6 @@ constexpr int kKC = 192;   // K block: one B sliver (kKC x kNR, 24 KB) stays in 
 constexpr int kMC = 144;   // rows of a packed A block (110 KB, in L2)
 constexpr int kNC = 3072;  // columns of a packed B panel (2.3 MB)
 constexpr int kAlign = 64;
-
-__mmask16 LaneMask(int lanes) {
-  if (lanes >= 16) return static_cast<__mmask16>(0xFFFF);
-  if (lanes <= 0) return 0;
-  return static_cast<__mmask16>((1u << lanes) - 1);
-}
 
 // Packs rows [0, mc) x columns [0, kc) of op(A) into kMR-row slivers: out[s][k][i].
 // a points at op(A)[0][0]; without transposition op(A)[m][k] = a[m * lda + k], with it
@@ -68,6 +65,13 @@ void PackA(const float *a, int64_t lda, bool trans, int mc, int kc, float *out) 
       for (int k = 0; k < kc; ++k) dst[k * kMR + i] = 0.0f;
     }
   }
+}
+
+#if defined(__AVX512F__)
+__mmask16 LaneMask(int lanes) {
+  if (lanes >= 16) return static_cast<__mmask16>(0xFFFF);
+  if (lanes <= 0) return 0;
+  return static_cast<__mmask16>((1u << lanes) - 1);
 }
 
 // Packs columns [0, nr) x rows [0, kc) of op(B) into one kNR-wide sliver: dst[k][j].
@@ -123,6 +127,40 @@ void MicroKernel(int kc, const float *__restrict a, const float *__restrict b, f
   }
 }
 
+#else  // no AVX-512: portable C++
+
+// Packs columns [0, nr) x rows [0, kc) of op(B) into one kNR-wide sliver: dst[k][j].
+// Without transposition op(B)[k][n] = b[k * ldb + n], with it b[n * ldb + k].
+void PackBSliver(const float *b, int64_t ldb, bool trans, int nr, int kc, float *dst) {
+  for (int k = 0; k < kc; ++k) {
+    for (int j = 0; j < kNR; ++j) {
+      dst[k * kNR + j] = j >= nr ? 0.0f : trans ? b[static_cast<int64_t>(j) * ldb + k]
+                                                : b[static_cast<int64_t>(k) * ldb + j];
+    }
+  }
+}
+
+// C[0:mr][0:nr] (+)= A sliver (kc x kMR) * B sliver (kc x kNR); plain loops the compiler
+// vectorises for whatever the CPU has.
+void MicroKernel(int kc, const float *__restrict a, const float *__restrict b, float *c,
+                 int64_t ldc, int mr, int nr, bool accumulate) {
+  float acc[kMR][kNR] = {};
+  for (int k = 0; k < kc; ++k) {
+    for (int i = 0; i < kMR; ++i) {
+      const float ai = a[i];
+      for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
+    }
+    a += kMR;
+    b += kNR;
+  }
+  for (int i = 0; i < mr; ++i) {
+    float *row = c + static_cast<int64_t>(i) * ldc;
+    for (int j = 0; j < nr; ++j) row[j] = accumulate ? row[j] + acc[i][j] : acc[i][j];
+  }
+}
+
+#endif  // __AVX512F__
+
 struct Problem {
   int64_t batch, m, n, k;
   bool trans_a, trans_b;
@@ -165,10 +203,15 @@ float *PackBuffer(int64_t floats) {
   return static_cast<float *>(std::aligned_alloc(kAlign, sizeof(float) * floats));
 }
 
-// Batch item `item` by the calling thread alone.
-void GemmItem(const Problem &p, const Blocking &blk, int64_t item, float *a_pack,
+// C of batch item `item`. With `shared`, all threads of the enclosing parallel region compute
+// it together: they pack the B panel in parts and split its slivers (each packs every A block
+// for itself); a panel of a few slivers is split by rows of A instead. Without, the calling
+// thread computes it alone.
+void GemmItem(const Problem &p, const Blocking &blk, int64_t item, bool shared, float *a_pack,
               float *b_pack) {
   const int64_t lda = p.trans_a ? p.m : p.k, ldb = p.trans_b ? p.k : p.n;
+  const int threads = shared ? omp_get_num_threads() : 1;
+  const int thread = shared ? omp_get_thread_num() : 0;
   const float *a = p.a + item * p.stride_a, *b = p.b + item * p.stride_b;
   float *c = p.c + item * p.m * p.n;
   for (int64_t jc = 0; jc < p.n; jc += kNC) {
@@ -176,40 +219,14 @@ void GemmItem(const Problem &p, const Blocking &blk, int64_t item, float *a_pack
     const int slivers = (nc + kNR - 1) / kNR;
     for (int64_t pc = 0; pc < p.k; pc += blk.kc) {
       const int kc = static_cast<int>(std::min<int64_t>(blk.kc, p.k - pc));
-      for (int s = 0; s < slivers; ++s) {
+      for (int s = thread * slivers / threads; s < (thread + 1) * slivers / threads; ++s) {
         const int64_t j = jc + static_cast<int64_t>(s) * kNR;
         const float *src = p.trans_b ? b + j * ldb + pc : b + pc * ldb + j;
         PackBSliver(src, ldb, p.trans_b, static_cast<int>(std::min<int64_t>(kNR, p.n - j)), kc,
                     b_pack + static_cast<int64_t>(s) * kc * kNR);
       }
-      for (int64_t ic = 0; ic < p.m; ic += blk.mc) {
-        const int mc = static_cast<int>(std::min<int64_t>(blk.mc, p.m - ic));
-        BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, 0, slivers, b_pack, a_pack);
-      }
-    }
-  }
-}
-
-// Batch item `item` by all threads of the enclosing parallel region together: they share the
-// packed B panel and split its slivers (each packs every A block for itself); a panel of a few
-// slivers is split by rows of A instead.
-void GemmItemShared(const Problem &p, const Blocking &blk, int64_t item, float *a_pack,
-                    float *b_pack) {
-  const int64_t lda = p.trans_a ? p.m : p.k, ldb = p.trans_b ? p.k : p.n;
-  const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-  const float *a = p.a + item * p.stride_a, *b = p.b + item * p.stride_b;
-  float *c = p.c + item * p.m * p.n;
-  for (int64_t jc = 0; jc < p.n; jc += kNC) {
-    const int nc = static_cast<int>(std::min<int64_t>(kNC, p.n - jc));
-    const int slivers = (nc + kNR - 1) / kNR;
-    for (int64_t pc = 0; pc < p.k; pc += blk.kc) {
-      const int kc = static_cast<int>(std::min<int64_t>(blk.kc, p.k - pc));
-#pragma omp for schedule(static)
-      for (int s = 0; s < slivers; ++s) {
-        const int64_t j = jc + static_cast<int64_t>(s) * kNR;
-        const float *src = p.trans_b ? b + j * ldb + pc : b + pc * ldb + j;
-        PackBSliver(src, ldb, p.trans_b, static_cast<int>(std::min<int64_t>(kNR, p.n - j)), kc,
-                    b_pack + static_cast<int64_t>(s) * kc * kNR);
+      if (shared) {
+#pragma omp barrier
       }
       if (slivers >= 2 * threads) {
         const int first = thread * slivers / threads;
@@ -218,15 +235,19 @@ void GemmItemShared(const Problem &p, const Blocking &blk, int64_t item, float *
           const int mc = static_cast<int>(std::min<int64_t>(blk.mc, p.m - ic));
           BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, first, last, b_pack, a_pack);
         }
-#pragma omp barrier
       } else {
-        const int mc_narrow = static_cast<int>(std::min<int64_t>(
-            blk.mc, ((p.m + threads - 1) / threads + kMR - 1) / kMR * kMR));
-#pragma omp for schedule(static)
-        for (int64_t ic = 0; ic < p.m; ic += mc_narrow) {
+        const int64_t mc_narrow = std::min<int64_t>(
+            blk.mc, ((p.m + threads - 1) / threads + kMR - 1) / kMR * kMR);
+        const int64_t blocks = (p.m + mc_narrow - 1) / mc_narrow;
+        for (int64_t block = thread * blocks / threads; block < (thread + 1) * blocks / threads;
+             ++block) {
+          const int64_t ic = block * mc_narrow;
           const int mc = static_cast<int>(std::min<int64_t>(mc_narrow, p.m - ic));
           BlockTimesSlivers(p, a, lda, c, ic, mc, pc, kc, jc, 0, slivers, b_pack, a_pack);
         }
+      }
+      if (shared) {
+#pragma omp barrier
       }
     }
   }
@@ -248,7 +269,9 @@ void Gemm(const Problem &p) {
       float *a_pack = PackBuffer(static_cast<int64_t>(kKC) * kMC);
       float *b_pack = PackBuffer(kKC * blk.panel_cols);
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < p.batch; ++item) GemmItem(p, blk, item, a_pack, b_pack);
+      for (int64_t item = 0; item < p.batch; ++item) {
+        GemmItem(p, blk, item, false, a_pack, b_pack);
+      }
       std::free(a_pack);
       std::free(b_pack);
     }
@@ -258,7 +281,7 @@ void Gemm(const Problem &p) {
 #pragma omp parallel
   {
     float *a_pack = PackBuffer(static_cast<int64_t>(kKC) * kMC);
-    for (int64_t item = 0; item < p.batch; ++item) GemmItemShared(p, blk, item, a_pack, b_pack);
+    for (int64_t item = 0; item < p.batch; ++item) GemmItem(p, blk, item, true, a_pack, b_pack);
     std::free(a_pack);
   }
   std::free(b_pack);

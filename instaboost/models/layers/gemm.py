@@ -4,8 +4,8 @@
 batched 3-D ``(B, M, K)`` (a 2-D operand is shared by every batch item of the other one):
 
 * ``impl="mindspore"``: ``ops.MatMul`` / ``ops.BatchMatMul``; needs no compiler.
-* ``impl="kernel"``: the AOT operator of ``kernels/cpu/gemm.cc`` (packed AVX-512 micro-kernel,
-  OpenMP). Measured on the 2-core project machine against MindSpore 2.10's CPU MatMul, per call:
+* ``impl="kernel"``: the AOT operator of ``kernels/cpu/gemm.cc`` (packed blocks, an AVX-512
+  micro-kernel where the CPU has it, OpenMP). Measured on the 2-core project machine against MindSpore 2.10's CPU MatMul, per call:
   (256, 64) x (64, 16384), a 1x1 convolution of the first ResNet stage, 115 vs 60-75 GFLOP/s;
   (1024, 12544) x (12544, 1024), the box head's first layer, 160 vs 143; large square products
   about 190 vs 150-175.
