@@ -34,6 +34,10 @@ concatenation of contiguous blocks; and around what is slow there: materialising
   row-gather re-ordering); stride 2 first subsamples with ``ops.strided_slice``.
 * The 2x2 stride-2 deconvolution is one matmul to all four sub-pixel maps, one row gather and a
   0/1 interleave matmul (no 6-D transpose), with an exact adjoint as backward.
+* ``matmul_impl="kernel"`` (what ``impl="winograd"`` builds) runs every product on the C++
+  matmul kernel of gemm.py instead; as it takes a 2-D weight against a 3-D batch, 1x1
+  convolutions (groups 1) become one batched product ``Y[n] = W · X[n]`` and the deconvolution
+  one batched product plus the C++ sub-pixel interleave, with no re-ordering gathers at all.
 
 Graph mode: the forward of every unfold cell compiles under ``ms.jit``, and so does the backward
 of the deconvolution; the convolution backward does not (MindSpore 2.10's graph compiler fails on
