@@ -199,8 +199,34 @@ struct Blocking {
   }
 };
 
-float *PackBuffer(int64_t floats) {
-  return static_cast<float *>(std::aligned_alloc(kAlign, sizeof(float) * floats));
+// Packing buffers of the calling thread, kept for the thread's lifetime: allocating them per
+// call (2.4 MB for B) gave fresh pages, hence page faults, on every product, and this VM's
+// host reclaims freed pages within seconds, which makes them cost about 1.5 s per GB.
+class PackBuffers {
+ public:
+  ~PackBuffers() {
+    for (float *buffer : buffers_) std::free(buffer);
+  }
+  float *Get(int which, int64_t floats) {
+    if (floats > capacity_[which]) {
+      std::free(buffers_[which]);
+      const size_t bytes = (sizeof(float) * floats + kAlign - 1) / kAlign * kAlign;
+      buffers_[which] = static_cast<float *>(std::aligned_alloc(kAlign, bytes));
+      capacity_[which] = floats;
+    }
+    return buffers_[which];
+  }
+
+ private:
+  float *buffers_[2] = {nullptr, nullptr};
+  int64_t capacity_[2] = {0, 0};
+};
+
+constexpr int kBufferA = 0, kBufferB = 1;
+
+float *PackBuffer(int which, int64_t floats) {
+  thread_local PackBuffers buffers;
+  return buffers.Get(which, floats);
 }
 
 // C of batch item `item`. With `shared`, all threads of the enclosing parallel region compute
@@ -266,25 +292,22 @@ void Gemm(const Problem &p) {
   if (p.batch % threads == 0 || p.batch >= 4 * threads) {
 #pragma omp parallel
     {
-      float *a_pack = PackBuffer(static_cast<int64_t>(kKC) * kMC);
-      float *b_pack = PackBuffer(kKC * blk.panel_cols);
+      float *a_pack = PackBuffer(kBufferA, static_cast<int64_t>(kKC) * kMC);
+      float *b_pack = PackBuffer(kBufferB, kKC * blk.panel_cols);
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < p.batch; ++item) {
         GemmItem(p, blk, item, false, a_pack, b_pack);
       }
-      std::free(a_pack);
-      std::free(b_pack);
     }
     return;
   }
-  float *b_pack = PackBuffer(kKC * blk.panel_cols);
+  // The calling thread's B buffer is the shared panel (its own share of the work packs A only).
+  float *b_pack = PackBuffer(kBufferB, kKC * blk.panel_cols);
 #pragma omp parallel
   {
-    float *a_pack = PackBuffer(static_cast<int64_t>(kKC) * kMC);
+    float *a_pack = PackBuffer(kBufferA, static_cast<int64_t>(kKC) * kMC);
     for (int64_t item = 0; item < p.batch; ++item) GemmItem(p, blk, item, true, a_pack, b_pack);
-    std::free(a_pack);
   }
-  std::free(b_pack);
 }
 
 // Reads the AOT parameters into a Problem; false for a wrong dtype or inconsistent shapes.

@@ -9,7 +9,8 @@ from mindspore import Tensor, nn, ops
 from mindspore.ops import primitive as ms_primitive
 
 from instaboost.models.layers import native_kernels, winograd
-from instaboost.models.layers.conv import (UnfoldConv2d, UnfoldDeconv2x2, WinogradConv2d,
+from instaboost.models.layers.conv import (MIN_SHARED_WEIGHT_PIXELS, UnfoldConv2d,
+                                           UnfoldDeconv2x2, WinogradConv2d,
                                            build_conv2d, build_deconv2x2, disable_input_grad,
                                            subsample)
 
@@ -61,6 +62,7 @@ CONV_CASES = [
     pytest.param(3, 5, 7, 2, 3, 1, False, (1, 3, 13, 11), id="7x7-s2-p3"),
     pytest.param(4, 6, 1, 2, 0, 1, False, (2, 4, 9, 7), id="1x1-s2"),
     pytest.param(6, 4, 1, 1, 0, 1, True, (3, 6, 5, 4), id="1x1-s1-bias"),
+    pytest.param(6, 4, 1, 1, 0, 1, True, (3, 6, 14, 15), id="1x1-s1-large-map"),  # 210 px
     pytest.param(8, 6, 3, 1, 1, 2, True, (2, 8, 7, 9), id="3x3-groups2-bias"),
     pytest.param(8, 8, 3, 2, 1, 4, False, (2, 8, 9, 9), id="3x3-s2-groups4"),
     pytest.param(8, 4, 1, 1, 0, 4, False, (5, 8, 3, 3), id="1x1-groups4-many-images"),
@@ -83,6 +85,10 @@ def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias,
     assert unfold.matmul_impl == ("kernel" if impl == "winograd" else "mindspore")
     if isinstance(unfold, WinogradConv2d):
         assert not unfold.uses_winograd(shape)
+    # 1x1, groups 1, on the kernel matmul: maps of >= MIN_SHARED_WEIGHT_PIXELS (the
+    # "large-map" case) take the shared-weight batched product, smaller ones the reordering path.
+    assert (unfold.shared_weight is not None) == (impl == "winograd" and kernel == 1
+                                                  and groups == 1)
     _assert_same(native, unfold, shape, rng)
 
 
@@ -183,6 +189,11 @@ def test_unfold_chunking_matches_native(groups, shape, chunk_bytes):
     plan = unfold.function._plan(Tensor(np.zeros(shape, np.float32)), unfold.weight)
     assert len(plan.chunks) > shape[0] or len(plan.chunks) < shape[0]
     _assert_same(native, unfold, shape, rng)
+
+
+def test_large_map_case_takes_the_shared_weight_path():
+    """The two 1x1 stride-1 cases of CONV_CASES sit on either side of the path threshold."""
+    assert 5 * 4 < MIN_SHARED_WEIGHT_PIXELS <= 14 * 15
 
 
 @pytest.mark.parametrize("impl", ["unfold", "winograd"])

@@ -68,6 +68,10 @@ PATCH_CHUNK_BYTES = 192 * 1024 * 1024
 # Images with at least this many output pixels get their own matmul (no re-ordering gathers);
 # smaller images are batched into one matmul up to PATCH_CHUNK_BYTES.
 MIN_PIXELS_PER_MATMUL = 1024
+# 1x1 convolutions on smaller maps stay on the row-reordering path: the per-image products of
+# the shared-weight path fill the kernel's 32-column register tiles poorly on a few pixels (6x6
+# maps: 44% padding), and the 192-px demo step measured 5-10% slower with them.
+MIN_SHARED_WEIGHT_PIXELS = 196
 _FLOAT32_BYTES = 4
 _INDEX_CACHE_SIZE = 512
 
@@ -522,18 +526,24 @@ class UnfoldConv2d(nn.Cell):
         # A 1x1 convolution without padding is a strided subsampling + a pointwise matmul.
         self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
         self.matmul_impl = matmul_impl
+        # 1x1 convolutions on maps of at least MIN_SHARED_WEIGHT_PIXELS (after striding) run
+        # as one shared-weight batched product on the C++ kernel; others on `self.function`.
+        self.shared_weight = None
         if not self.pointwise:
             self.function = _UnfoldConvFunction(self.kernel_size, self.stride, self.padding,
                                                 groups, chunk_bytes, matmul_impl)
-        elif matmul_impl == "kernel" and groups == 1:
-            self.function = _SharedWeightPointwiseFunction()
         else:
             self.function = _PointwiseConvFunction(groups)
+            if matmul_impl == "kernel" and groups == 1:
+                self.shared_weight = _SharedWeightPointwiseFunction()
 
     def convolve(self, x: Tensor) -> Tensor:
         """The convolution without bias."""
         if self.pointwise:
             x = subsample(x, self.stride)
+            if (self.shared_weight is not None
+                    and x.shape[2] * x.shape[3] >= MIN_SHARED_WEIGHT_PIXELS):
+                return self.shared_weight(x, self.weight)
         return self.function(x, self.weight)
 
     def construct(self, x: Tensor) -> Tensor:
