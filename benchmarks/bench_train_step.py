@@ -5,8 +5,8 @@
 
 One run builds the detector from ``conf/`` (``detector=mask_rcnn``, ``backbone=resnet50``, COCO's
 80 classes) once per convolution implementation (``winograd``: F(4x4, 3x3) for the 3x3 stride-1
-convolutions, unfold for the rest; ``unfold``: im2col + matmul everywhere; ``native``: MindSpore's
-kernels), on a synthetic batch that follows the batch contract (``--batch`` images of
+convolutions, unfold on the C++ matmul kernel for the rest; ``unfold``: im2col + MindSpore
+matmul everywhere; ``native``: MindSpore's kernels), on a synthetic batch that follows the batch contract (``--batch`` images of
 ``--size``², ``--objects`` instances each), and reports:
 
 1. **Train step** (``step_s_<impl>``, winograd and unfold): wall time of one full training step
