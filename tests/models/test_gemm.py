@@ -1,10 +1,13 @@
 """The C++ matmul kernel (kernels/cpu/gemm.cc) against NumPy, in every layout the convolution
 paths use, with sizes that cross its register-tile and cache-block edges."""
+import platform
+
 import numpy as np
 import pytest
 from mindspore import Tensor
 
-from instaboost.models.layers.gemm import matmul, product_shape
+from instaboost.models.layers.gemm import kernel_op, matmul, product_shape
+from instaboost.models.layers.native_kernels import kernel_library
 
 SEED = 0
 RTOL = 1e-5
@@ -44,6 +47,24 @@ def test_kernel_matches_numpy_and_mindspore(a_shape, b_shape, transpose_a, trans
                                                             transpose_b)
         scale = np.abs(expected).max()
         assert np.abs(got - expected).max() / scale < RTOL, impl
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="-mno-avx512f is an x86 compiler flag")
+def test_portable_build_without_avx512_matches_numpy():
+    """conv_impl=winograd is the CPU default: its matmul must also work where the CPU has no
+    AVX-512 (the build then uses the plain C++ micro-kernel)."""
+    library = kernel_library("gemm", extra_flags=("-mno-avx512f",))
+    assert library != kernel_library("gemm")
+    rng = np.random.default_rng(SEED)
+    for a_shape, b_shape, transpose_a, transpose_b in [((300, 70), (45, 70), False, True),
+                                                       ((3, 260, 31), (260, 129), True, False),
+                                                       ((37, 450), (450, 45), False, False)]:
+        a = rng.standard_normal(a_shape).astype(np.float32)
+        b = rng.standard_normal(b_shape).astype(np.float32)
+        expected = _reference(a, b, transpose_a, transpose_b)
+        got = kernel_op(transpose_a, transpose_b, library)(Tensor(a), Tensor(b)).asnumpy()
+        assert np.abs(got - expected).max() / np.abs(expected).max() < RTOL
 
 
 def test_product_shape_rejects_mismatches():

@@ -56,12 +56,13 @@ def product_shape(a_shape: Sequence[int], b_shape: Sequence[int], transpose_a: b
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_op(transpose_a: bool, transpose_b: bool) -> ops.Custom:
-    """The AOT operator for one transposition; its output shape follows from its inputs'."""
+def kernel_op(transpose_a: bool, transpose_b: bool, library: str = "") -> ops.Custom:
+    """The AOT operator for one transposition (from ``library``, default: the project build of
+    ``kernels/cpu/gemm.cc``); its output shape follows from its inputs'."""
     function = _ENTRY_POINTS.get((transpose_a, transpose_b))
     if function is None:
         raise ValueError("the matmul kernel has no entry point with both operands transposed")
-    library = kernel_library(_LIBRARY)
+    library = library or kernel_library(_LIBRARY)
     return ops.Custom(f"{library}:{function}",
                       out_shape=lambda a, b: product_shape(a, b, transpose_a, transpose_b),
                       out_dtype=lambda a, b: ms.float32, func_type="aot")
@@ -77,7 +78,7 @@ def matmul(a: Tensor, b: Tensor, transpose_a: bool = False, transpose_b: bool = 
     """op(a) · op(b) for float32 2-D or 3-D tensors; 3-D result when either operand is 3-D."""
     _check_impl(impl)
     if impl == "kernel":
-        return _kernel_op(transpose_a, transpose_b)(a, b)
+        return kernel_op(transpose_a, transpose_b)(a, b)
     if a.ndim == 2 and b.ndim == 2:
         return ops.MatMul(transpose_a, transpose_b)(a, b)
     if a.ndim == 3 and b.ndim == 3 and a.shape[0] == 1 and b.shape[0] == 1:

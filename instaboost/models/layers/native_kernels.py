@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Tuple
 
 KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
 BUILD_DIR = KERNELS_DIR / "build"
@@ -50,14 +51,19 @@ def _compiler() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_library(name: str) -> str:
-    """Absolute path of the shared library built from ``kernels/cpu/<name>.cc``."""
+def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
+    """Absolute path of the shared library built from ``kernels/cpu/<name>.cc``.
+
+    ``extra_flags`` are appended to CXX_FLAGS (tests build the portable variants with them,
+    e.g. ``("-mno-avx512f",)``); they are part of the library's hash.
+    """
     source = KERNELS_DIR / "cpu" / f"{name}.cc"
     if not source.is_file():
         raise KernelBuildError(f"kernel source {source} is missing")
     compiler = _compiler()
+    flags = CXX_FLAGS + tuple(extra_flags)
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(CXX_FLAGS).encode(), compiler.encode(),
+    for part in (source.read_bytes(), " ".join(flags).encode(), compiler.encode(),
                  _cpu_signature().encode()):
         key.update(part)
     target = BUILD_DIR / f"{name}-{key.hexdigest()[:16]}.so"
@@ -66,7 +72,7 @@ def kernel_library(name: str) -> str:
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     handle, scratch = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
     os.close(handle)
-    command = [compiler, *CXX_FLAGS, "-o", scratch, str(source)]
+    command = [compiler, *flags, "-o", scratch, str(source)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         os.unlink(scratch)
