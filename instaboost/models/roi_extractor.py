@@ -35,7 +35,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from instaboost.models.layers.native_kernels import kernel_library
+from instaboost.models.layers.native_kernels import aot_op
 from instaboost.structures.boxes import box_scale
 
 # Relative tolerance at level boundaries (mmdetection adds 1e-6 inside its log2).
@@ -159,17 +159,15 @@ def roi_align_gather(features: Sequence[Tensor], rois: Tensor, levels: Tensor,
 @functools.lru_cache(maxsize=None)
 def _kernel_ops(num_levels: int) -> ops.Custom:
     """RoIAlign forward AOT op over ``num_levels`` maps, its adjoint as bprop."""
-    library = kernel_library("roi_align")
     grid_inputs = len(SamplingGrid._fields) + 1      # levels + the grid
 
     def out_shape(*shapes):
         rois, bins = shapes[num_levels + 2][0], shapes[num_levels + 2][1]
         return (rois, shapes[0][1], bins, bins)
 
-    backward = ops.Custom(f"{library}:RoIAlignBackward",
-                          out_shape=lambda *shapes: tuple(shapes[1 + grid_inputs:]),
-                          out_dtype=lambda *dtypes: tuple(dtypes[1 + grid_inputs:]),
-                          func_type="aot")
+    backward = aot_op("roi_align", "RoIAlignBackward",
+                      out_shape=lambda *shapes: tuple(shapes[1 + grid_inputs:]),
+                      out_dtype=lambda *dtypes: tuple(dtypes[1 + grid_inputs:]))
 
     def bprop(*args):
         features, grid = args[:num_levels], args[num_levels:num_levels + grid_inputs]
@@ -179,8 +177,8 @@ def _kernel_ops(num_levels: int) -> ops.Custom:
             dfeatures = (dfeatures,)
         return tuple(dfeatures) + tuple(ops.zeros_like(t) for t in grid)
 
-    return ops.Custom(f"{library}:RoIAlignForward", out_shape=out_shape,
-                      out_dtype=lambda *dtypes: dtypes[0], func_type="aot", bprop=bprop)
+    return aot_op("roi_align", "RoIAlignForward", out_shape, lambda *dtypes: dtypes[0],
+                  bprop=bprop)
 
 
 def roi_align_kernel(features: Sequence[Tensor], rois: Tensor, levels: Tensor,

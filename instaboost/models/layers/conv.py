@@ -55,7 +55,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 from instaboost.models.layers.gemm import load_kernel, matmul
-from instaboost.models.layers.native_kernels import kernel_library
+from instaboost.models.layers.native_kernels import aot_op
 from instaboost.models.layers.winograd import OUTPUT_TILE, WinogradConvFunction
 
 CONV_IMPLS = ("native", "unfold", "winograd")
@@ -627,8 +627,6 @@ class _Deconv2x2Function(nn.Cell):
 @functools.lru_cache(maxsize=None)
 def _interleave_ops() -> Tuple[ops.Custom, ops.Custom]:
     """AOT ops of ``kernels/cpu/subpixel.cc``: (N, O, 2, 2, H, W) <-> (N, O, 2H, 2W)."""
-    library = kernel_library("subpixel")
-
     def image_shape(maps):
         n, o, _, _, h, w = maps
         return (n, o, 2 * h, 2 * w)
@@ -640,10 +638,8 @@ def _interleave_ops() -> Tuple[ops.Custom, ops.Custom]:
     def float32(_):
         return ms.float32
 
-    return (ops.Custom(f"{library}:Interleave2x2", out_shape=image_shape, out_dtype=float32,
-                       func_type="aot"),
-            ops.Custom(f"{library}:Interleave2x2Adjoint", out_shape=maps_shape,
-                       out_dtype=float32, func_type="aot"))
+    return (aot_op("subpixel", "Interleave2x2", image_shape, float32),
+            aot_op("subpixel", "Interleave2x2Adjoint", maps_shape, float32))
 
 
 class _KernelDeconv2x2Function(nn.Cell):

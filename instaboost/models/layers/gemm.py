@@ -21,7 +21,7 @@ from typing import Sequence, Tuple
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from instaboost.models.layers.native_kernels import kernel_library
+from instaboost.models.layers.native_kernels import aot_op, kernel_library
 
 MATMUL_IMPLS = ("mindspore", "kernel")
 _LIBRARY = "gemm"
@@ -56,16 +56,16 @@ def product_shape(a_shape: Sequence[int], b_shape: Sequence[int], transpose_a: b
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_op(transpose_a: bool, transpose_b: bool, library: str = "") -> ops.Custom:
-    """The AOT operator for one transposition (from ``library``, default: the project build of
-    ``kernels/cpu/gemm.cc``); its output shape follows from its inputs'."""
+def kernel_op(transpose_a: bool, transpose_b: bool,
+              extra_flags: Tuple[str, ...] = ()) -> ops.Custom:
+    """The AOT operator for one transposition; its output shape follows from its inputs'.
+    ``extra_flags``: compiler flags of a library variant (tests build a portable one)."""
     function = _ENTRY_POINTS.get((transpose_a, transpose_b))
     if function is None:
         raise ValueError("the matmul kernel has no entry point with both operands transposed")
-    library = library or kernel_library(_LIBRARY)
-    return ops.Custom(f"{library}:{function}",
-                      out_shape=lambda a, b: product_shape(a, b, transpose_a, transpose_b),
-                      out_dtype=lambda a, b: ms.float32, func_type="aot")
+    return aot_op(_LIBRARY, function,
+                  out_shape=lambda a, b: product_shape(a, b, transpose_a, transpose_b),
+                  out_dtype=lambda a, b: ms.float32, extra_flags=extra_flags)
 
 
 def load_kernel() -> None:

@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Optional, Tuple
+
+from mindspore import ops
 
 KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
 BUILD_DIR = KERNELS_DIR / "build"
@@ -80,3 +82,17 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
                                f"{result.stderr.strip()}")
     os.replace(scratch, target)
     return str(target)
+
+
+def aot_op(name: str, function: str, out_shape: Callable, out_dtype: Callable, *,
+           bprop: Optional[Callable] = None, extra_flags: Tuple[str, ...] = ()) -> ops.Custom:
+    """MindSpore AOT operator for entry point ``function`` of ``kernels/cpu/<name>.cc``.
+
+    Builds (or finds) the library now, so a missing compiler fails where the op is created.
+    ``out_shape`` / ``out_dtype`` map the input shapes / dtypes to the output's (MindSpore
+    caches the result by input shapes: the inputs must determine the outputs); ``bprop``
+    makes the op differentiable.
+    """
+    library = kernel_library(name, tuple(extra_flags))
+    return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype,
+                      func_type="aot", bprop=bprop)

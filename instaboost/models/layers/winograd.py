@@ -31,7 +31,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from instaboost.models.layers.native_kernels import kernel_library
+from instaboost.models.layers.native_kernels import aot_op, kernel_library
 
 OUTPUT_TILE = 4                       # m of F(m, 3)
 INPUT_TILE = OUTPUT_TILE + 2          # a = m + r - 1
@@ -79,12 +79,10 @@ def _custom(function: str, shapes: List[Tuple[int, ...]]) -> ops.Custom:
     inputs must determine its outputs: the output transform and the input adjoint therefore
     also take the convolution input x (not read), see the kernel source.
     """
-    library = kernel_library(_LIBRARY)
     single = len(shapes) == 1
     out_shape = shapes[0] if single else tuple(shapes)
     out_dtype = ms.float32 if single else tuple(ms.float32 for _ in shapes)
-    return ops.Custom(f"{library}:{function}", out_shape=lambda *_: out_shape,
-                      out_dtype=lambda *_: out_dtype, func_type="aot")
+    return aot_op(_LIBRARY, function, lambda *_: out_shape, lambda *_: out_dtype)
 
 
 @functools.lru_cache(maxsize=_OP_CACHE_SIZE)
