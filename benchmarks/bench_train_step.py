@@ -5,11 +5,12 @@
 
 One run builds the detector from ``conf/`` (``detector=mask_rcnn``, ``backbone=resnet50``, COCO's
 80 classes) once per convolution implementation (``winograd``: F(4x4, 3x3) for the 3x3 stride-1
-convolutions, unfold on the C++ matmul kernel for the rest; ``unfold``: im2col + MindSpore
-matmul everywhere; ``native``: MindSpore's kernels), on a synthetic batch that follows the batch contract (``--batch`` images of
+convolutions, unfold on the C++ matmul kernel for the rest; ``winograd_bf16``: the same with
+``hardware.matmul_precision=bfloat16``, the kernel's products on bfloat16-rounded operands;
+``unfold``: im2col + MindSpore matmul everywhere; ``native``: MindSpore's kernels), on a synthetic batch that follows the batch contract (``--batch`` images of
 ``--size``², ``--objects`` instances each), and reports:
 
-1. **Train step** (``step_s_<impl>``, winograd and unfold): wall time of one full training step
+1. **Train step** (``step_s_<impl>``, winograd, winograd_bf16 and unfold): wall time of one full training step
    (forward, backward, loss scaling, momentum-SGD update; ``instaboost.engine.train_step.make_train_step`` in
    PyNative mode): one warm-up step, then the mean of ``--steps`` timed steps. The model is
    built as the train task builds it in PyNative mode: the mask head runs on the sampled
@@ -58,8 +59,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import instaboost  # noqa: E402,F401  (before mindspore: sets the OpenMP wait policy)
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn  # noqa: E402
+
+from instaboost.models.layers.gemm import set_matmul_precision  # noqa: E402
 
 COCO_NUM_CLASSES = 80
 DEFAULT_SIZE = 512
@@ -80,6 +84,10 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 TOP_LAYERS = 15
 SEED = 0
+# Measured variants: label -> (hardware.conv_impl, hardware.matmul_precision).
+VARIANTS = OrderedDict([("winograd", ("winograd", "float32")),
+                        ("winograd_bf16", ("winograd", "bfloat16")),
+                        ("unfold", ("unfold", "float32"))])
 
 
 def compose_sections(overrides: Sequence[str]):
@@ -336,10 +344,12 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     steps: Dict[str, float] = {}
     step_cpu: Dict[str, float] = {}
     calls: List[ConvCall] = []
-    fast_impls = ("winograd", "unfold")
+    fast_impls = tuple(VARIANTS)
     impls = fast_impls if args.native_step == "skip" else fast_impls + ("native",)
     for impl in impls:
-        detector, step = build(impl, detector_cfg, backbone_cfg, not args.fixed_slots)
+        conv_impl, precision = VARIANTS.get(impl, (impl, "float32"))
+        set_matmul_precision(precision)
+        detector, step = build(conv_impl, detector_cfg, backbone_cfg, not args.fixed_slots)
         if not calls:
             # Recorded on a fast model (a native forward alone takes minutes); every model has
             # the same cells under the same names.
@@ -361,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
                   f"{', '.join(f'{t:.2f}' for t in timed)} s -> {steps[impl]:.2f} s, "
                   f"{cpu_s:.1f} CPU-s per step (load average {os.getloadavg()})", flush=True)
         del detector, step
+    set_matmul_precision("float32")
     estimated = "native" in conv and "native" not in steps
     if estimated:
         steps["native"] = steps["unfold"] - conv["unfold"]["fwd_bwd_s"] + conv["native"]["fwd_bwd_s"]
@@ -376,13 +387,16 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
         "step_s_native_estimated": estimated,
         "step_s_unfold": round(steps["unfold"], 3),
         "step_s_winograd": round(steps["winograd"], 3),
+        "step_s_winograd_bf16": round(steps["winograd_bf16"], 3),
         "speedup": native(lambda: steps["native"] / steps["winograd"]),
         "speedup_unfold": native(lambda: steps["native"] / steps["unfold"]),
         "speedup_winograd_vs_unfold": round(steps["unfold"] / steps["winograd"], 3),
+        "speedup_bf16_vs_float32": round(steps["winograd"] / steps["winograd_bf16"], 3),
         "conv_gflops_native": native(lambda: conv["native"]["gflops_fwd_bwd"]),
         "conv_gflops_unfold": round(conv["unfold"]["gflops_fwd_bwd"], 2),
         # direct-convolution FLOPs per second (Winograd itself does fewer multiplies)
         "conv_gflops_winograd_effective": round(conv["winograd"]["gflops_fwd_bwd"], 2),
+        "conv_gflops_winograd_bf16_effective": round(conv["winograd_bf16"]["gflops_fwd_bwd"], 2),
         "conv_gflops_fwd_native": native(lambda: conv["native"]["gflops_fwd"]),
         "conv_gflops_fwd_unfold": round(conv["unfold"]["gflops_fwd"], 2),
         "conv_gflops_fwd_winograd_effective": round(conv["winograd"]["gflops_fwd"], 2),
@@ -390,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
         "conv_s_native": native(lambda: conv["native"]["fwd_bwd_s"]),
         "conv_s_unfold": round(conv["unfold"]["fwd_bwd_s"], 3),
         "conv_s_winograd": round(conv["winograd"]["fwd_bwd_s"], 3),
+        "conv_s_winograd_bf16": round(conv["winograd_bf16"]["fwd_bwd_s"], 3),
         "conv_share_of_winograd_step": round(conv["winograd"]["fwd_bwd_s"] / steps["winograd"], 3),
         # process CPU seconds / wall seconds of the steps (includes thread-pool spinning)
         "cores_used_winograd_step": round(step_cpu["winograd"] / steps["winograd"], 2),

@@ -250,11 +250,13 @@ class ScheduleConfig:
 
 @dataclass
 class HardwareConfig:
-    """Device and execution: ``conv_impl`` "winograd" / "unfold" are the fast CPU convolutions."""
+    """Device and execution: ``conv_impl`` "winograd" / "unfold" are the fast CPU convolutions;
+    ``matmul_precision`` "bfloat16" rounds the operands of the C++ matmul kernel's products."""
 
     name: str = "cpu"
     device_target: str = "CPU"
     conv_impl: str = "winograd"
+    matmul_precision: str = "float32"
     jit: bool = False
     num_workers: int = 2
     device_num: int = 1

@@ -21,6 +21,7 @@ ACTION_PROB_TOLERANCE = 1e-6
 INSTABOOST_ACTIONS = ("normal", "horizontal", "vertical", "skip")
 INSTABOOST_ENGINES = ("project", "instaboostfast")
 CONV_IMPLS = ("native", "unfold", "winograd")
+MATMUL_PRECISIONS = ("float32", "bfloat16")
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 NORMS = ("bn", "frozen_bn")
 LOSS_SCALE_TYPES = ("static", "dynamic", "none")
@@ -306,6 +307,13 @@ def _check_hardware(c: _Checker) -> None:
     if c.get(f"{h}.conv_impl") == "winograd" and c.get(f"{h}.device_target") in DEVICE_TARGETS:
         c.require(f"{h}.device_target", lambda v: v == "CPU",
                   "must be CPU with hardware.conv_impl=winograd (a CPU-only kernel)")
+    c.one_of(f"{h}.matmul_precision", MATMUL_PRECISIONS)
+    # bfloat16 products exist only in the project's matmul kernel (MindSpore's CPU MatMul has
+    # none), which only conv_impl=winograd uses.
+    if c.get(f"{h}.matmul_precision") == "bfloat16":
+        c.require(f"{h}.conv_impl", lambda v: v == "winograd",
+                  "must be winograd with hardware.matmul_precision=bfloat16 (the bfloat16 "
+                  "products are the project's C++ matmul kernel)")
     c.positive(f"{h}.num_workers")
     # The key exists so the learning rate already scales with it; the train task has no gradient
     # reducer or data sharding yet, so more than one device is refused rather than silently wrong.

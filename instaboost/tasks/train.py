@@ -24,6 +24,7 @@ from instaboost.engine.train_step import build_loss_scaler, make_train_step
 from instaboost.engine.trainer import LoopSettings, Trainer
 from instaboost.evaluation.coco_eval import evaluate_coco, per_category_table
 from instaboost.evaluation.inference import predict_coco
+from instaboost.models.layers.gemm import set_matmul_precision
 from instaboost.utils.seed import sample_seed, seed_everything
 from instaboost.visualization import augmentation_grid
 
@@ -39,6 +40,7 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
         # Measured at 256 px, batch 2: PyNative's asynchronous op dispatch on 2 cores costs about
         # half of a training step (11.7 s async vs 5.7 s blocking); each op runs multi-threaded anyway.
         ms.runtime.launch_blocking()
+    set_matmul_precision(cfg.hardware.matmul_precision)
     train_source, val_source = build_sources(cfg)
     categories = train_source.categories
     log.info("data: %d training images, %d validation images, %d classes", len(train_source),
@@ -104,9 +106,9 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     settings = LoopSettings(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                             batch_size=schedule.batch_size, log_every_steps=schedule.log_every_steps,
                             ckpt_every_steps=schedule.ckpt_every_steps, eval_every_epochs=schedule.eval_every)
-    log.info("training %d steps (%d epochs of %d), lr %.5f, batch %d, %dx%d, conv %s", total_steps, epochs,
-             steps_per_epoch, lr, schedule.batch_size, schedule.img_height, schedule.img_width,
-             cfg.hardware.conv_impl)
+    log.info("training %d steps (%d epochs of %d), lr %.5f, batch %d, %dx%d, conv %s, matmul %s",
+             total_steps, epochs, steps_per_epoch, lr, schedule.batch_size, schedule.img_height,
+             schedule.img_width, cfg.hardware.conv_impl, cfg.hardware.matmul_precision)
     trainer = Trainer(network=network, optimizer=optimizer, train_step=step_fn, loss_names=network.loss_names,
                       epoch_batches=epoch_batches, evaluate=evaluate, checkpoints=checkpoints,
                       tracker=tracker, settings=settings, learning_rates=learning_rates)

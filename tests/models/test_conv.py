@@ -285,3 +285,60 @@ def test_invalid_arguments():
     conv = build_conv2d(4, 4, 5, impl="unfold")
     with pytest.raises(ValueError, match="smaller than kernel"):
         conv(ops.zeros((1, 4, 3, 3), ms.float32))
+
+
+# bfloat16 products (operands rounded to 8 significant bits, float32 sums): errors of a few
+# 1e-3 of the output's scale, as in bfloat16 mixed-precision training.
+BF16_RTOL = 1e-2
+
+
+@pytest.mark.parametrize("kernel, stride, padding, shape, winograd_path", [
+    pytest.param(3, 1, 1, (2, 16, 24, 20), True, id="winograd-3x3-stays-float32"),
+    pytest.param(3, 2, 1, (2, 16, 17, 15), False, id="unfold-3x3-s2"),
+    pytest.param(1, 1, 0, (2, 16, 15, 14), False, id="1x1-shared-weight"),
+])
+def test_bfloat16_precision_stays_close_to_native(kernel, stride, padding, shape, winograd_path):
+    """hardware.matmul_precision=bfloat16: the same layers, within bfloat16 rounding of the
+    float32 result, forward and backward (and measurably not float32, i.e. the setting acts);
+    Winograd's products stay float32."""
+    from instaboost.models.layers.gemm import use_matmul_precision
+
+    rng = np.random.default_rng(SEED)
+    native = build_conv2d(16, 24, kernel, stride=stride, padding=padding, has_bias=True,
+                          impl="native")
+    fast = build_conv2d(16, 24, kernel, stride=stride, padding=padding, has_bias=True,
+                        impl="winograd")
+    if winograd_path:
+        assert _winograd_always(fast).uses_winograd(shape)
+    else:
+        assert isinstance(fast, UnfoldConv2d) and fast.matmul_impl == "kernel"
+        assert not (isinstance(fast, WinogradConv2d) and fast.uses_winograd(shape))
+    _copy_parameters(native, fast)
+    x = Tensor(rng.standard_normal(shape).astype(np.float32))
+    dy = Tensor(rng.standard_normal(native(x).shape).astype(np.float32))
+    expected = _forward_and_grads(native, x, dy)
+    with use_matmul_precision("bfloat16"):
+        got = _forward_and_grads(fast, x, dy)
+    pairs = [(expected[0], got[0]), (expected[1], got[1])] + list(zip(expected[2], got[2]))
+    errors = [_relative_error(ref, out) for ref, out in pairs]
+    if winograd_path:
+        assert max(errors) < RTOL, errors
+    else:
+        assert 1e-5 < max(errors) < BF16_RTOL, errors
+
+
+def test_bfloat16_deconv2x2_stays_close_to_native():
+    from instaboost.models.layers.gemm import use_matmul_precision
+
+    rng = np.random.default_rng(SEED)
+    native = build_deconv2x2(16, 8, impl="native")
+    fast = build_deconv2x2(16, 8, impl="winograd")
+    _copy_parameters(native, fast)
+    x = Tensor(rng.standard_normal((3, 16, 14, 14)).astype(np.float32))
+    dy = Tensor(rng.standard_normal(native(x).shape).astype(np.float32))
+    expected = _forward_and_grads(native, x, dy)
+    with use_matmul_precision("bfloat16"):
+        got = _forward_and_grads(fast, x, dy)
+    pairs = [(expected[0], got[0]), (expected[1], got[1])] + list(zip(expected[2], got[2]))
+    errors = [_relative_error(ref, out) for ref, out in pairs]
+    assert 1e-5 < max(errors) < BF16_RTOL, errors

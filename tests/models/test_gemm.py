@@ -1,16 +1,25 @@
 """The C++ matmul kernel (kernels/cpu/gemm.cc) against NumPy, in every layout the convolution
-paths use, with sizes that cross its register-tile and cache-block edges."""
+paths use, with sizes that cross its register-tile and cache-block edges, in float32 and in
+bfloat16 precision (operands rounded to bfloat16, float32 accumulation)."""
 import platform
 
 import numpy as np
 import pytest
 from mindspore import Tensor
 
-from instaboost.models.layers.gemm import kernel_op, matmul, product_shape
+from instaboost.models.layers.gemm import (kernel_op, matmul, matmul_precision, product_shape,
+                                           set_matmul_precision, use_matmul_precision)
 from instaboost.models.layers.native_kernels import kernel_library
 
 SEED = 0
 RTOL = 1e-5
+
+
+def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), as float32: the kernel's packed operands."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
 
 
 def _reference(a, b, transpose_a, transpose_b):
@@ -65,6 +74,60 @@ def test_portable_build_without_avx512_matches_numpy():
         expected = _reference(a, b, transpose_a, transpose_b)
         got = kernel_op(transpose_a, transpose_b, portable)(Tensor(a), Tensor(b)).asnumpy()
         assert np.abs(got - expected).max() / np.abs(expected).max() < RTOL
+
+
+# Odd K (half a bfloat16 pair at the end), K over the 384 bfloat16 block, every transposition,
+# shared and batched operands.
+BF16_CASES = [CASES[0], CASES[1], CASES[3], CASES[4], CASES[7], CASES[8],
+              pytest.param((3, 40, 801), (3, 801, 50), False, False, id="batched-k-blocks")]
+
+
+@pytest.mark.parametrize("a_shape, b_shape, transpose_a, transpose_b", BF16_CASES)
+def test_bfloat16_products_are_exact_on_rounded_operands(a_shape, b_shape, transpose_a,
+                                                         transpose_b):
+    """bfloat16 precision = the float32 product of the operands rounded to bfloat16: products
+    of two bfloat16 values are exact in float32, so only the float32 summation differs."""
+    rng = np.random.default_rng(SEED)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    rounded = _reference(_round_to_bfloat16(a), _round_to_bfloat16(b), transpose_a, transpose_b)
+    exact = _reference(a, b, transpose_a, transpose_b)
+    with use_matmul_precision("bfloat16"):
+        got = matmul(Tensor(a), Tensor(b), transpose_a, transpose_b, impl="kernel").asnumpy()
+    scale = np.abs(exact).max()
+    assert np.abs(got - rounded).max() / scale < RTOL
+    # ... and the rounding really happened: bfloat16 keeps 8 significant bits.
+    assert 1e-4 < np.abs(got - exact).max() / scale < 2e-2
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="-mno-avx512* are x86 compiler flags")
+@pytest.mark.parametrize("flags", [("-mno-avx512bf16",), ("-mno-avx512f",)],
+                         ids=["avx512-without-bf16", "no-avx512"])
+def test_bfloat16_products_without_avx512_bf16(flags):
+    """A CPU without AVX512_BF16 multiplies the same rounded operands with float32 FMAs."""
+    rng = np.random.default_rng(SEED)
+    for a_shape, b_shape, transpose_a, transpose_b in [((37, 451), (451, 45), False, False),
+                                                       ((3, 260, 31), (260, 129), True, False),
+                                                       ((29, 131), (70, 131), False, True)]:
+        a = rng.standard_normal(a_shape).astype(np.float32)
+        b = rng.standard_normal(b_shape).astype(np.float32)
+        rounded = _reference(_round_to_bfloat16(a), _round_to_bfloat16(b), transpose_a,
+                             transpose_b)
+        op = kernel_op(transpose_a, transpose_b, flags, "bfloat16")
+        got = op(Tensor(a), Tensor(b)).asnumpy()
+        assert np.abs(got - rounded).max() / np.abs(rounded).max() < RTOL
+
+
+def test_matmul_precision_setting():
+    assert matmul_precision() == "float32"
+    with use_matmul_precision("bfloat16"):
+        assert matmul_precision() == "bfloat16"
+    assert matmul_precision() == "float32"
+    with pytest.raises(ValueError, match="matmul precision"):
+        set_matmul_precision("float16")
+    with pytest.raises(ValueError, match="matmul precision"):
+        kernel_op(False, False, (), "int8")
 
 
 def test_product_shape_rejects_mismatches():

@@ -19,7 +19,10 @@ chunk: MindSpore 2.10's CPU BatchMatMul runs at 160-190 GFLOP/s on (36, 256, 256
 copies at a few hundred MB/s. The transforms are the C++ kernels of
 ``kernels/cpu/winograd_conv3x3.cc``, called as MindSpore AOT custom operators; everything is
 float32 NCHW. Results match the direct convolution to float32 rounding (about 1e-6 relative,
-Winograd's transforms add a little error of their own).
+Winograd's transforms add a little error of their own). The products stay float32 under
+``hardware.matmul_precision=bfloat16``: the transforms amplify rounding errors, and bfloat16
+operands gave 2.5e-2 RMS relative error here (2.4e-3 for a direct convolution), for a step
+only about 0.2 s faster at 512² (measured).
 """
 from __future__ import annotations
 
