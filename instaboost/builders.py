@@ -26,7 +26,8 @@ RCNN_SAMPLER_SEED_OFFSET = 1000
 # RoIAlign implementation: the gather path is exact (same numerics as ops.ROIAlign) and has a
 # correct, fast backward on any device; MindSpore 2.10's CPU ROIAlign backward gives wrong
 # gradients. With conv_impl "winograd" the project's C++ CPU kernels are in use, and RoIAlign
-# runs on its C++ kernel too (same grid, 2-2.5x faster forward+backward, measured).
+# runs on its C++ kernel too (same grid, 2-2.5x faster forward+backward, measured), and the box
+# head's two shared FCs follow hardware.matmul_precision (layers/linear.py).
 DEFAULT_ROI_ALIGN_IMPL = "gather"
 ROI_ALIGN_IMPL_WITH_CPU_KERNELS = "kernel"
 
@@ -134,7 +135,8 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
                                   num_classes=num_classes,
                                   reg_class_agnostic=bool(bbox_cfg["reg_class_agnostic"]),
                                   loss_cls_weight=float(bbox_cfg["loss_cls_weight"]),
-                                  loss_bbox_weight=float(bbox_cfg["loss_bbox_weight"]))
+                                  loss_bbox_weight=float(bbox_cfg["loss_bbox_weight"]),
+                                  dense_impl="kernel" if conv_impl == "winograd" else "mindspore")
     mask_head = FCNMaskHead(in_channels=fpn_channels, num_convs=int(mask_cfg["num_convs"]),
                             conv_out_channels=int(mask_cfg["conv_out_channels"]),
                             roi_feat_size=int(mask_cfg["roi_feat_size"]),

@@ -14,6 +14,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, Zero, initializer
 
+from instaboost.models.layers.linear import build_dense
 from instaboost.models.losses import avg_factor, l1, masked_sum, softmax_ce
 
 # Initialisation (mmdetection v2 ConvFCBBoxHead): Xavier for the FCs, small normals for outputs.
@@ -36,11 +37,15 @@ class Shared2FCBBoxHead(nn.Cell):
         num_classes: K foreground classes.
         reg_class_agnostic: one box per RoI instead of one per class.
         loss_cls_weight, loss_bbox_weight: loss multipliers.
+        dense_impl: "mindspore" (``nn.Dense``) or "kernel" (``KernelDense``: the C++ matmul
+            kernel under bfloat16 precision; chosen with conv_impl "winograd") for the two
+            shared FCs; same parameters either way.
     """
 
     def __init__(self, *, in_channels: int, roi_feat_size: int, fc_out_channels: int,
                  num_classes: int, reg_class_agnostic: bool = False,
-                 loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0):
+                 loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0,
+                 dense_impl: str = "mindspore"):
         super().__init__()
         self.num_classes = int(num_classes)
         self.roi_feat_size = int(roi_feat_size)
@@ -48,9 +53,10 @@ class Shared2FCBBoxHead(nn.Cell):
         self.loss_cls_weight = float(loss_cls_weight)
         self.loss_bbox_weight = float(loss_bbox_weight)
         flat = in_channels * self.roi_feat_size * self.roi_feat_size
-        self.fc1 = nn.Dense(flat, fc_out_channels, weight_init=XavierUniform(), bias_init=Zero())
-        self.fc2 = nn.Dense(fc_out_channels, fc_out_channels, weight_init=XavierUniform(),
-                            bias_init=Zero())
+        self.fc1 = build_dense(flat, fc_out_channels, impl=dense_impl,
+                               weight_init=XavierUniform(), bias_init=Zero())
+        self.fc2 = build_dense(fc_out_channels, fc_out_channels, impl=dense_impl,
+                               weight_init=XavierUniform(), bias_init=Zero())
         self.fc_cls = nn.Dense(fc_out_channels, self.num_classes + 1,
                                weight_init=initializer(Normal(CLS_INIT_STD),
                                                        [self.num_classes + 1, fc_out_channels]),
