@@ -76,6 +76,38 @@ inline __m512 RoundToBf16(__m512 x) {
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), nan, x);
 }
+
+// In-register transpose of a 16 x 16 matrix of 32-bit words: r[i] lane j -> r[j] lane i.
+// Packing a transposed operand (k contiguous per column) goes through it: 16 columns' runs in,
+// 16 k rows (or bfloat16 pairs) of 16 columns out, instead of one scalar store per element.
+inline void Transpose16x16(__m512i r[16]) {
+  // Masked forms with every lane set: the same instructions, without GCC 12's false
+  // 'may be used uninitialized' warnings about the unmasked intrinsics' undefined source.
+  constexpr __mmask16 kAll16 = 0xFFFF;
+  constexpr __mmask8 kAll8 = 0xFF;
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: 2 x 2 blocks of words
+    t[2 * i] = _mm512_maskz_unpacklo_epi32(kAll16, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_maskz_unpackhi_epi32(kAll16, r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + q], lane L: column 4L + q, rows 4i .. 4i + 3
+    r[4 * i] = _mm512_maskz_unpacklo_epi64(kAll8, t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_maskz_unpackhi_epi64(kAll8, t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_maskz_unpacklo_epi64(kAll8, t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_maskz_unpackhi_epi64(kAll8, t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // gather lane L of u[q], u[4+q], u[8+q], u[12+q] into one row
+    const __m512i x0 = _mm512_maskz_shuffle_i32x4(kAll16, r[q], r[4 + q], 0x88);
+    const __m512i x1 = _mm512_maskz_shuffle_i32x4(kAll16, r[q], r[4 + q], 0xDD);
+    const __m512i y0 = _mm512_maskz_shuffle_i32x4(kAll16, r[8 + q], r[12 + q], 0x88);
+    const __m512i y1 = _mm512_maskz_shuffle_i32x4(kAll16, r[8 + q], r[12 + q], 0xDD);
+    t[q] = _mm512_maskz_shuffle_i32x4(kAll16, x0, y0, 0x88);
+    t[8 + q] = _mm512_maskz_shuffle_i32x4(kAll16, x0, y0, 0xDD);
+    t[4 + q] = _mm512_maskz_shuffle_i32x4(kAll16, x1, y1, 0x88);
+    t[12 + q] = _mm512_maskz_shuffle_i32x4(kAll16, x1, y1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -96,10 +128,28 @@ struct Float32Format {
       const int mr = std::min(kMR, mc - ir);
       float *dst = out + static_cast<int64_t>(ir) * kc;
       if (!trans) {
+#if defined(__AVX512F__)
+        // A row's k are contiguous: 16 k of every row at a time, transposed in registers.
+        __m512i rows[16];
+        for (int k0 = 0; k0 < kc; k0 += 16) {
+          const int count = std::min(16, kc - k0);
+          for (int i = 0; i < 16; ++i) {
+            rows[i] = i >= mr ? _mm512_setzero_si512()
+                              : _mm512_castps_si512(Value(_mm512_maskz_loadu_ps(
+                                    LaneMask(count), a + static_cast<int64_t>(ir + i) * lda + k0)));
+          }
+          Transpose16x16(rows);
+          for (int t = 0; t < count; ++t) {
+            _mm512_mask_storeu_epi32(dst + (k0 + t) * kMR, LaneMask(kMR), rows[t]);
+          }
+        }
+        continue;
+#else
         for (int i = 0; i < mr; ++i) {
           const float *src = a + static_cast<int64_t>(ir + i) * lda;
           for (int k = 0; k < kc; ++k) dst[k * kMR + i] = Value(src[k]);
         }
+#endif
       } else {
         for (int k = 0; k < kc; ++k) {
           const float *src = a + static_cast<int64_t>(k) * lda + ir;
@@ -127,12 +177,21 @@ struct Float32Format {
       }
       return;
     }
-    for (int j = 0; j < nr; ++j) {
-      const float *src = b + static_cast<int64_t>(j) * ldb;
-      for (int k = 0; k < kc; ++k) dst[k * kNR + j] = Value(src[k]);
-    }
-    for (int j = nr; j < kNR; ++j) {
-      for (int k = 0; k < kc; ++k) dst[k * kNR + j] = 0.0f;
+    __m512i rows[16];  // a column's k are contiguous: 16 columns x 16 k at a time
+    for (int half = 0; half < kNR / 16; ++half) {
+      for (int k0 = 0; k0 < kc; k0 += 16) {
+        const int count = std::min(16, kc - k0);
+        for (int c = 0; c < 16; ++c) {
+          const int j = half * 16 + c;
+          rows[c] = j >= nr ? _mm512_setzero_si512()
+                            : _mm512_castps_si512(Value(_mm512_maskz_loadu_ps(
+                                  LaneMask(count), b + static_cast<int64_t>(j) * ldb + k0)));
+        }
+        Transpose16x16(rows);
+        for (int t = 0; t < count; ++t) {
+          _mm512_store_si512(dst + (k0 + t) * kNR + half * 16, rows[t]);
+        }
+      }
     }
   }
 
@@ -235,21 +294,22 @@ struct BFloat16Format {
   // A rows into kMR-row slivers of pairs: out[s][p][i], zero-padded (rows and an odd last k).
   static void PackA(const float *a, int64_t lda, bool trans, int mc, int kc, uint32_t *out) {
     const int depth = PackedDepth(kc);
-    alignas(64) uint32_t words[16];
+    __m512i words[16];
     for (int ir = 0; ir < mc; ir += kMR) {
       const int mr = std::min(kMR, mc - ir);
       uint32_t *dst = out + static_cast<int64_t>(ir) * depth;
-      if (!trans) {  // a row's k are contiguous: convert runs of 32, spread the words
-        for (int i = 0; i < mr; ++i) {
-          const float *src = a + static_cast<int64_t>(ir + i) * lda;
-          for (int k = 0; k < kc; k += 32) {
-            _mm512_store_si512(words, PairsOfRun(src + k, std::min(32, kc - k)));
-            const int pairs = std::min(16, depth - k / 2);
-            for (int t = 0; t < pairs; ++t) dst[(k / 2 + t) * kMR + i] = words[t];
+      if (!trans) {  // a row's k are contiguous: 16 pairs of every row at a time, transposed
+        for (int k0 = 0; k0 < kc; k0 += 32) {
+          for (int i = 0; i < 16; ++i) {
+            words[i] = i >= mr ? _mm512_setzero_si512()
+                               : PairsOfRun(a + static_cast<int64_t>(ir + i) * lda + k0,
+                                            std::min(32, kc - k0));
           }
-        }
-        for (int i = mr; i < kMR; ++i) {
-          for (int p = 0; p < depth; ++p) dst[p * kMR + i] = 0;
+          Transpose16x16(words);
+          const int pairs = std::min(16, depth - k0 / 2);
+          for (int t = 0; t < pairs; ++t) {
+            _mm512_mask_storeu_epi32(dst + (k0 / 2 + t) * kMR, LaneMask(kMR), words[t]);
+          }
         }
       } else {  // a k's rows are contiguous: two k at a time make kMR words
         const __mmask16 rows = LaneMask(mr);
@@ -283,17 +343,21 @@ struct BFloat16Format {
       }
       return;
     }
-    alignas(64) uint32_t words[16];  // a column's k are contiguous
-    for (int j = 0; j < nr; ++j) {
-      const float *src = b + static_cast<int64_t>(j) * ldb;
-      for (int k = 0; k < kc; k += 32) {
-        _mm512_store_si512(words, PairsOfRun(src + k, std::min(32, kc - k)));
-        const int pairs = std::min(16, depth - k / 2);
-        for (int t = 0; t < pairs; ++t) dst[(k / 2 + t) * kNR + j] = words[t];
+    __m512i words[16];  // a column's k are contiguous: 16 columns x 16 pairs at a time
+    for (int half = 0; half < kNR / 16; ++half) {
+      for (int k0 = 0; k0 < kc; k0 += 32) {
+        for (int c = 0; c < 16; ++c) {
+          const int j = half * 16 + c;
+          words[c] = j >= nr ? _mm512_setzero_si512()
+                             : PairsOfRun(b + static_cast<int64_t>(j) * ldb + k0,
+                                          std::min(32, kc - k0));
+        }
+        Transpose16x16(words);
+        const int pairs = std::min(16, depth - k0 / 2);
+        for (int t = 0; t < pairs; ++t) {
+          _mm512_store_si512(dst + (k0 / 2 + t) * kNR + half * 16, words[t]);
+        }
       }
-    }
-    for (int j = nr; j < kNR; ++j) {
-      for (int p = 0; p < depth; ++p) dst[p * kNR + j] = 0;
     }
   }
 
