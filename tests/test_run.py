@@ -7,6 +7,7 @@ subprocess (``python run.py -m ...``).
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -212,3 +213,20 @@ def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
         assert any(p.endswith(".ckpt") for p in artifacts), artifacts
         assert {"evaluation/coco_results.json", "evaluation/per_category_ap.md",
                 "augmentation/samples.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_real_train_with_bfloat16_products(tmp_path, mlflow_uri) -> None:
+    """hardware.matmul_precision=bfloat16 trains end to end: FINISHED, finite loss, logged."""
+    proc = subprocess.run(
+        [sys.executable, "run.py", *SMOKE_OVERRIDES, "hardware.matmul_precision=bfloat16",
+         *_store_args(tmp_path, mlflow_uri)],
+        cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = list(_runs(mlflow_uri).values())
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["hardware.matmul_precision"] == "bfloat16"
+    assert math.isfinite(runs[0].data.metrics["train/loss"])
+    assert "segm/AP" in runs[0].data.metrics
