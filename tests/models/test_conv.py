@@ -1,6 +1,7 @@
 """The unfold and Winograd convolution paths against MindSpore's native kernels (outputs and
 gradients)."""
 import math
+from typing import List
 
 import numpy as np
 import pytest
@@ -292,6 +293,21 @@ def test_invalid_arguments():
 BF16_RTOL = 1e-2
 
 
+def _bfloat16_errors(native: nn.Cell, fast: nn.Cell, x_shape, rng) -> List[float]:
+    """Relative errors of `fast` under bfloat16 precision against `native` (float32): output,
+    input gradient, then each parameter gradient."""
+    from instaboost.models.layers.gemm import use_matmul_precision
+
+    _copy_parameters(native, fast)
+    x = Tensor(rng.standard_normal(x_shape).astype(np.float32))
+    dy = Tensor(rng.standard_normal(native(x).shape).astype(np.float32))
+    expected = _forward_and_grads(native, x, dy)
+    with use_matmul_precision("bfloat16"):
+        got = _forward_and_grads(fast, x, dy)
+    pairs = [(expected[0], got[0]), (expected[1], got[1])] + list(zip(expected[2], got[2]))
+    return [_relative_error(ref, out) for ref, out in pairs]
+
+
 @pytest.mark.parametrize("kernel, stride, padding, shape, winograd_path", [
     pytest.param(3, 1, 1, (2, 16, 24, 20), True, id="winograd-3x3-stays-float32"),
     pytest.param(3, 2, 1, (2, 16, 17, 15), False, id="unfold-3x3-s2"),
@@ -301,8 +317,6 @@ def test_bfloat16_precision_stays_close_to_native(kernel, stride, padding, shape
     """hardware.matmul_precision=bfloat16: the same layers, within bfloat16 rounding of the
     float32 result, forward and backward (and measurably not float32, i.e. the setting acts);
     Winograd's products stay float32."""
-    from instaboost.models.layers.gemm import use_matmul_precision
-
     rng = np.random.default_rng(SEED)
     native = build_conv2d(16, 24, kernel, stride=stride, padding=padding, has_bias=True,
                           impl="native")
@@ -313,14 +327,7 @@ def test_bfloat16_precision_stays_close_to_native(kernel, stride, padding, shape
     else:
         assert isinstance(fast, UnfoldConv2d) and fast.matmul_impl == "kernel"
         assert not (isinstance(fast, WinogradConv2d) and fast.uses_winograd(shape))
-    _copy_parameters(native, fast)
-    x = Tensor(rng.standard_normal(shape).astype(np.float32))
-    dy = Tensor(rng.standard_normal(native(x).shape).astype(np.float32))
-    expected = _forward_and_grads(native, x, dy)
-    with use_matmul_precision("bfloat16"):
-        got = _forward_and_grads(fast, x, dy)
-    pairs = [(expected[0], got[0]), (expected[1], got[1])] + list(zip(expected[2], got[2]))
-    errors = [_relative_error(ref, out) for ref, out in pairs]
+    errors = _bfloat16_errors(native, fast, shape, rng)
     if winograd_path:
         assert max(errors) < RTOL, errors
     else:
@@ -328,17 +335,7 @@ def test_bfloat16_precision_stays_close_to_native(kernel, stride, padding, shape
 
 
 def test_bfloat16_deconv2x2_stays_close_to_native():
-    from instaboost.models.layers.gemm import use_matmul_precision
-
     rng = np.random.default_rng(SEED)
-    native = build_deconv2x2(16, 8, impl="native")
-    fast = build_deconv2x2(16, 8, impl="winograd")
-    _copy_parameters(native, fast)
-    x = Tensor(rng.standard_normal((3, 16, 14, 14)).astype(np.float32))
-    dy = Tensor(rng.standard_normal(native(x).shape).astype(np.float32))
-    expected = _forward_and_grads(native, x, dy)
-    with use_matmul_precision("bfloat16"):
-        got = _forward_and_grads(fast, x, dy)
-    pairs = [(expected[0], got[0]), (expected[1], got[1])] + list(zip(expected[2], got[2]))
-    errors = [_relative_error(ref, out) for ref, out in pairs]
+    errors = _bfloat16_errors(build_deconv2x2(16, 8, impl="native"),
+                              build_deconv2x2(16, 8, impl="winograd"), (3, 16, 14, 14), rng)
     assert 1e-5 < max(errors) < BF16_RTOL, errors
