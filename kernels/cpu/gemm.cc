@@ -108,6 +108,31 @@ inline void Transpose16x16(__m512i r[16]) {
   }
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
+
+// The kMR x kNR register tile of C, in float32 for both micro-kernels.
+using Tile = __m512[kMR][2];
+
+inline void ZeroTile(Tile &acc) {
+  for (int i = 0; i < kMR; ++i) {
+    acc[i][0] = _mm512_setzero_ps();
+    acc[i][1] = _mm512_setzero_ps();
+  }
+}
+
+// Adds (or writes) rows [0, mr) x columns [0, nr) of the tile to C, masked at the right edge.
+inline void StoreTile(const Tile &acc, float *c, int64_t ldc, int mr, int nr, bool accumulate) {
+  const __mmask16 low = LaneMask(nr), high = LaneMask(nr - 16);
+  for (int i = 0; i < mr; ++i) {
+    float *row = c + static_cast<int64_t>(i) * ldc;
+    __m512 v0 = acc[i][0], v1 = acc[i][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(low, row));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(high, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, low, v0);
+    _mm512_mask_storeu_ps(row + 16, high, v1);
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -198,11 +223,8 @@ struct Float32Format {
   // C[0:mr][0:nr] (+)= A sliver (kc x kMR) * B sliver (kc x kNR).
   static void MicroKernel(int kc, const float *__restrict a, const float *__restrict b,
                           float *c, int64_t ldc, int mr, int nr, bool accumulate) {
-    __m512 acc[kMR][2];
-    for (int i = 0; i < kMR; ++i) {
-      acc[i][0] = _mm512_setzero_ps();
-      acc[i][1] = _mm512_setzero_ps();
-    }
+    Tile acc;
+    ZeroTile(acc);
     for (int k = 0; k < kc; ++k) {
       const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 12
@@ -244,24 +266,6 @@ struct Float32Format {
     }
   }
 #endif  // __AVX512F__
-
-#if defined(__AVX512F__)
-  // Adds (or writes) the register tile to C, masked at the right edge.
-  static void StoreTile(__m512 (&acc)[kMR][2], float *c, int64_t ldc, int mr, int nr,
-                        bool accumulate) {
-    const __mmask16 low = LaneMask(nr), high = LaneMask(nr - 16);
-    for (int i = 0; i < mr; ++i) {
-      float *row = c + static_cast<int64_t>(i) * ldc;
-      __m512 v0 = acc[i][0], v1 = acc[i][1];
-      if (accumulate) {
-        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(low, row));
-        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(high, row + 16));
-      }
-      _mm512_mask_storeu_ps(row, low, v0);
-      _mm512_mask_storeu_ps(row + 16, high, v1);
-    }
-  }
-#endif
 };
 
 #if defined(__AVX512BF16__)
@@ -364,11 +368,8 @@ struct BFloat16Format {
   // C[0:mr][0:nr] (+)= A sliver (depth x kMR pairs) * B sliver (depth x kNR pairs).
   static void MicroKernel(int kc, const uint32_t *__restrict a, const uint32_t *__restrict b,
                           float *c, int64_t ldc, int mr, int nr, bool accumulate) {
-    __m512 acc[kMR][2];
-    for (int i = 0; i < kMR; ++i) {
-      acc[i][0] = _mm512_setzero_ps();
-      acc[i][1] = _mm512_setzero_ps();
-    }
+    Tile acc;
+    ZeroTile(acc);
     const int depth = PackedDepth(kc);
     for (int p = 0; p < depth; ++p) {
       const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_load_si512(b));
@@ -382,7 +383,7 @@ struct BFloat16Format {
       a += kMR;
       b += kNR;
     }
-    Float32Format<false>::StoreTile(acc, c, ldc, mr, nr, accumulate);
+    StoreTile(acc, c, ldc, mr, nr, accumulate);
   }
 };
 using Bf16ProductFormat = BFloat16Format;

@@ -22,6 +22,11 @@ def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint32).view(np.float32)
 
 
+def _operands(rng, a_shape, b_shape):
+    return (rng.standard_normal(a_shape).astype(np.float32),
+            rng.standard_normal(b_shape).astype(np.float32))
+
+
 def _reference(a, b, transpose_a, transpose_b):
     a = np.swapaxes(a, -1, -2) if transpose_a else a
     b = np.swapaxes(b, -1, -2) if transpose_b else b
@@ -47,8 +52,7 @@ CASES = [
 @pytest.mark.parametrize("a_shape, b_shape, transpose_a, transpose_b", CASES)
 def test_kernel_matches_numpy_and_mindspore(a_shape, b_shape, transpose_a, transpose_b):
     rng = np.random.default_rng(SEED)
-    a = rng.standard_normal(a_shape).astype(np.float32)
-    b = rng.standard_normal(b_shape).astype(np.float32)
+    a, b = _operands(rng, a_shape, b_shape)
     expected = _reference(a, b, transpose_a, transpose_b)
     for impl in ("kernel", "mindspore"):
         got = matmul(Tensor(a), Tensor(b), transpose_a, transpose_b, impl=impl).asnumpy()
@@ -69,8 +73,7 @@ def test_portable_build_without_avx512_matches_numpy():
     for a_shape, b_shape, transpose_a, transpose_b in [((300, 70), (45, 70), False, True),
                                                        ((3, 260, 31), (260, 129), True, False),
                                                        ((37, 450), (450, 45), False, False)]:
-        a = rng.standard_normal(a_shape).astype(np.float32)
-        b = rng.standard_normal(b_shape).astype(np.float32)
+        a, b = _operands(rng, a_shape, b_shape)
         expected = _reference(a, b, transpose_a, transpose_b)
         got = kernel_op(transpose_a, transpose_b, portable)(Tensor(a), Tensor(b)).asnumpy()
         assert np.abs(got - expected).max() / np.abs(expected).max() < RTOL
@@ -88,8 +91,7 @@ def test_bfloat16_products_are_exact_on_rounded_operands(a_shape, b_shape, trans
     """bfloat16 precision = the float32 product of the operands rounded to bfloat16: products
     of two bfloat16 values are exact in float32, so only the float32 summation differs."""
     rng = np.random.default_rng(SEED)
-    a = rng.standard_normal(a_shape).astype(np.float32)
-    b = rng.standard_normal(b_shape).astype(np.float32)
+    a, b = _operands(rng, a_shape, b_shape)
     rounded = _reference(_round_to_bfloat16(a), _round_to_bfloat16(b), transpose_a, transpose_b)
     exact = _reference(a, b, transpose_a, transpose_b)
     with use_matmul_precision("bfloat16"):
@@ -110,8 +112,7 @@ def test_bfloat16_products_without_avx512_bf16(flags):
     for a_shape, b_shape, transpose_a, transpose_b in [((37, 451), (451, 45), False, False),
                                                        ((3, 260, 31), (260, 129), True, False),
                                                        ((29, 131), (70, 131), False, True)]:
-        a = rng.standard_normal(a_shape).astype(np.float32)
-        b = rng.standard_normal(b_shape).astype(np.float32)
+        a, b = _operands(rng, a_shape, b_shape)
         rounded = _reference(_round_to_bfloat16(a), _round_to_bfloat16(b), transpose_a,
                              transpose_b)
         op = kernel_op(transpose_a, transpose_b, flags, "bfloat16")

@@ -44,12 +44,16 @@ _ENTRY_POINTS = {(False, False): "MatMulNN", (False, True): "MatMulNT", (True, F
 _precision = "float32"
 
 
-def set_matmul_precision(precision: str) -> None:
-    """Precision of the kernel's products from now on (see the module docstring)."""
-    global _precision
+def _check_precision(precision: str) -> None:
     if precision not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul precision must be one of {MATMUL_PRECISIONS}, "
                          f"got {precision!r}")
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Precision of the kernel's products from now on (see the module docstring)."""
+    global _precision
+    _check_precision(precision)
     _precision = precision
 
 
@@ -103,9 +107,7 @@ def kernel_op(transpose_a: bool, transpose_b: bool, extra_flags: Tuple[str, ...]
     function = _ENTRY_POINTS.get((transpose_a, transpose_b))
     if function is None:
         raise ValueError("the matmul kernel has no entry point with both operands transposed")
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul precision must be one of {MATMUL_PRECISIONS}, "
-                         f"got {precision!r}")
+    _check_precision(precision)
     if precision == "bfloat16":
         function += "Bf16"
     return aot_op(_LIBRARY, function,

@@ -4,7 +4,7 @@ The box head's first layer is the largest single product of a Mask R-CNN step: 1
 RoIs x 12,544 RoI features x 1024 outputs, 26 GFLOP forward and 79 with the backward at 512²,
 batch 2. Measured on the project machine, forward + backward: MindSpore's CPU MatMul 0.44-0.46 s
 (175 GFLOP/s), the C++ kernel in float32 0.49-0.52 s, in bfloat16 0.25-0.27 s (300-320 GFLOP/s).
-So `KernelDense` multiplies on MindSpore's MatMul in float32 and on the kernel in bfloat16.
+So `KernelDense` is plain ``nn.Dense`` in float32 and multiplies on the kernel in bfloat16.
 """
 from __future__ import annotations
 
@@ -15,19 +15,15 @@ from instaboost.models.layers.gemm import matmul, matmul_precision
 LINEAR_IMPLS = ("mindspore", "kernel")
 
 
-def _impl() -> str:
-    return "kernel" if matmul_precision() == "bfloat16" else "mindspore"
-
-
-class _LinearFunction(nn.Cell):
-    """y = x · Wᵀ for x (N, in), W (out, in); forward and backward on the same matmul."""
+class _KernelLinearFunction(nn.Cell):
+    """y = x · Wᵀ for x (N, in), W (out, in) on the C++ kernel, backward on it too."""
 
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
-        return matmul(x, weight, transpose_b=True, impl=_impl())
+        return matmul(x, weight, transpose_b=True, impl="kernel")
 
     def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
-        dx = matmul(dout, weight, impl=_impl())                        # (N, in)
-        dweight = matmul(dout, x, transpose_a=True, impl=_impl())      # (out, in)
+        dx = matmul(dout, weight, impl="kernel")                       # (N, in)
+        dweight = matmul(dout, x, transpose_a=True, impl="kernel")     # (out, in)
         return dx, dweight
 
 
@@ -41,10 +37,12 @@ class KernelDense(nn.Dense):
         if kwargs.get("activation") is not None:
             raise ValueError("KernelDense has no activation: apply it after the layer")
         super().__init__(in_channels, out_channels, **kwargs)
-        self.product = _LinearFunction()
+        self.kernel_product = _KernelLinearFunction()
 
     def construct(self, x: Tensor) -> Tensor:
-        y = self.product(x, self.weight)
+        if matmul_precision() != "bfloat16":
+            return super().construct(x)
+        y = self.kernel_product(x, self.weight)
         return y + self.bias if self.has_bias else y
 
 
