@@ -18,9 +18,12 @@
 //   RoIAlignBackward (dout, level, batch, y, wy, x, wx, F_0..F_{L-1})          -> dF_0..dF_{L-1}
 // F_l only give their shapes to the backward pass (MindSpore infers an AOT op's output shapes
 // from its input shapes). level/batch/y/x are int32, everything else float32.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include <omp.h>
 
 namespace {
 
@@ -88,6 +91,91 @@ bool GridInside(const Grid &g, const std::vector<Level> &levels) {
   return true;
 }
 
+// Channel-last scratch copies of NCHW maps: one tap of one bin then reads (or, backward, adds
+// to) C contiguous floats, which vectorise, instead of one float from each of C planes, which
+// misses cache for every RoI and channel. Measured on the 512² train step (1024 box RoIs, 7x7
+// bins, 4x4 taps, C = 256, plus 32 mask RoIs): forward 351 -> 57 ms, backward 151 -> 55 ms, the
+// transposes (44 MB each way at 512²) included. The copy lives per calling thread between
+// calls so its pages are not faulted in again every step.
+struct ChannelLastMaps {
+  std::vector<float> data;
+  std::vector<int64_t> offset;  // start of level l in data; level l is (images, H, W, C)
+
+  void Resize(const std::vector<Level> &levels) {
+    offset.assign(levels.size() + 1, 0);
+    for (size_t l = 0; l < levels.size(); ++l) {
+      const Level &m = levels[l];
+      offset[l + 1] = offset[l] + m.images * m.height * m.width * m.channels;
+    }
+    if (data.size() < static_cast<size_t>(offset.back())) data.resize(offset.back());
+  }
+  float *Pixel(int64_t l, const Level &m, int64_t image, int64_t y, int64_t x) {
+    return data.data() + offset[l] + ((image * m.height + y) * m.width + x) * m.channels;
+  }
+};
+
+ChannelLastMaps &Scratch() {
+  static thread_local ChannelLastMaps maps;
+  return maps;
+}
+
+constexpr int64_t kTile = 16;
+
+// One kTile x kTile tile of dst = src^T (src rows r0.., columns c0..; ld = row strides).
+inline void TransposeTile(const float *src, int64_t src_ld, int64_t rows, int64_t cols,
+                          int64_t r0, int64_t c0, float *dst, int64_t dst_ld) {
+  const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t r = r0; r < r1; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
+  }
+}
+
+// dst (cols, rows) = src (rows, cols)^T, tile by tile: both sides stay within a few cache lines
+// per tile, where a plain double loop strides across one of them.
+void Transpose(const float *src, int64_t src_ld, int64_t rows, int64_t cols, float *dst,
+               int64_t dst_ld) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      TransposeTile(src, src_ld, rows, cols, r0, c0, dst, dst_ld);
+    }
+  }
+}
+
+// The same, shared among the threads of the enclosing parallel region.
+void TransposeShared(const float *src, int64_t rows, int64_t cols, float *dst) {
+#pragma omp for collapse(2) schedule(static) nowait
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      TransposeTile(src, cols, rows, cols, r0, c0, dst, rows);
+    }
+  }
+}
+
+void ToChannelLast(const std::vector<Level> &levels, ChannelLastMaps *maps) {
+  maps->Resize(levels);
+#pragma omp parallel
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const Level &m = levels[l];
+    const int64_t pixels = m.height * m.width;
+    for (int64_t image = 0; image < m.images; ++image) {
+      TransposeShared(m.data + image * m.channels * pixels, m.channels, pixels,
+                     maps->Pixel(l, m, image, 0, 0));
+    }
+  }
+}
+
+void FromChannelLast(ChannelLastMaps *maps, const std::vector<Level> &levels) {
+#pragma omp parallel
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const Level &m = levels[l];
+    const int64_t pixels = m.height * m.width;
+    for (int64_t image = 0; image < m.images; ++image) {
+      TransposeShared(maps->Pixel(l, m, image, 0, 0), pixels, m.channels,
+                     m.data + image * m.channels * pixels);
+    }
+  }
+}
+
 int Forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   const int num_levels = nparam - kGridInputs - 1;
   std::vector<Level> levels;
@@ -97,32 +185,47 @@ int Forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
     return 1;
   }
   if (!GridInside(g, levels)) return 3;
-  const int64_t channels = levels[0].channels;
+  ChannelLastMaps &maps = Scratch();
+  ToChannelLast(levels, &maps);
+  const int64_t channels = levels[0].channels, bins = g.bins, taps = g.taps;
   float *out = static_cast<float *>(params[nparam - 1]);
-  const int64_t bins = g.bins, taps = g.taps;
-#pragma omp parallel for schedule(static)
-  for (int64_t item = 0; item < g.rois * channels; ++item) {
-    const int64_t n = item / channels, c = item % channels;
-    const Level &map = levels[g.level[n]];
-    const float *plane = map.data + (g.batch[n] * channels + c) * map.height * map.width;
-    const int32_t *ys = g.y + n * bins * taps, *xs = g.x + n * bins * taps;
-    const float *wys = g.wy + n * bins * taps, *wxs = g.wx + n * bins * taps;
-    float *dst = out + item * bins * bins;
-    for (int64_t i = 0; i < bins; ++i) {
-      for (int64_t j = 0; j < bins; ++j) {
-        float acc = 0.0f;
-        for (int64_t a = 0; a < taps; ++a) {
-          const float *row = plane + ys[i * taps + a] * map.width;
-          float along_x = 0.0f;
-          for (int64_t b = 0; b < taps; ++b) along_x += wxs[j * taps + b] * row[xs[j * taps + b]];
-          acc += wys[i * taps + a] * along_x;
+#pragma omp parallel
+  {
+    std::vector<float> pooled(bins * bins * channels);  // (bin, C) of one RoI
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < g.rois; ++n) {
+      const int32_t *ys = g.y + n * bins * taps, *xs = g.x + n * bins * taps;
+      const float *wys = g.wy + n * bins * taps, *wxs = g.wx + n * bins * taps;
+      const Level &map = levels[g.level[n]];
+      for (int64_t i = 0; i < bins; ++i) {
+        for (int64_t j = 0; j < bins; ++j) {
+          float *acc = pooled.data() + (i * bins + j) * channels;
+          std::fill(acc, acc + channels, 0.0f);
+          for (int64_t a = 0; a < taps; ++a) {
+            for (int64_t b = 0; b < taps; ++b) {
+              const float w = wys[i * taps + a] * wxs[j * taps + b];
+              if (w == 0.0f) continue;
+              const float *src = maps.Pixel(g.level[n], map, g.batch[n], ys[i * taps + a],
+                                            xs[j * taps + b]);
+#pragma omp simd
+              for (int64_t c = 0; c < channels; ++c) acc[c] += w * src[c];
+            }
+          }
         }
-        dst[i * bins + j] = acc;
       }
+      Transpose(pooled.data(), channels, bins * bins, channels, out + n * channels * bins * bins,
+                bins * bins);
     }
   }
   return 0;
 }
+
+// Backward tasks: one per (image, channel chunk). A task adds the gradients of its image's RoIs
+// into its chunk of channels only, so no two threads ever add to the same entry; with at least
+// as many images as threads the chunk is all channels, and every tap updates C contiguous floats
+// (measured: 4 chunks of 64 channels over both images took 50-70 ms for 1024 box RoIs, the
+// strided partial-pixel updates missing cache).
+constexpr int64_t kChunkAlign = 16;  // one AVX-512 vector of float32
 
 int Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if ((nparam - 1 - kGridInputs) % 2 != 0) return 1;
@@ -139,34 +242,48 @@ int Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
   const float *dout = static_cast<const float *>(params[0]);
   const int64_t channels = grads[0].channels, bins = g.bins, taps = g.taps;
   if (shapes[0][0] != g.rois || shapes[0][1] != channels || shapes[0][2] != bins) return 1;
-  // Threads own channels: RoIs of one channel accumulate into that channel's planes only.
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < channels; ++c) {
-    for (const Level &map : grads) {
-      for (int64_t image = 0; image < map.images; ++image) {
-        std::memset(map.data + (image * channels + c) * map.height * map.width, 0,
-                    sizeof(float) * map.height * map.width);
-      }
-    }
-    for (int64_t n = 0; n < g.rois; ++n) {
-      const Level &map = grads[g.level[n]];
-      float *plane = map.data + (g.batch[n] * channels + c) * map.height * map.width;
-      const int32_t *ys = g.y + n * bins * taps, *xs = g.x + n * bins * taps;
-      const float *wys = g.wy + n * bins * taps, *wxs = g.wx + n * bins * taps;
-      const float *src = dout + (n * channels + c) * bins * bins;
-      for (int64_t i = 0; i < bins; ++i) {
-        for (int64_t a = 0; a < taps; ++a) {
-          const float wy = wys[i * taps + a];
-          if (wy == 0.0f) continue;
-          float *row = plane + ys[i * taps + a] * map.width;
+  ChannelLastMaps &maps = Scratch();
+  maps.Resize(grads);
+  std::fill(maps.data.begin(), maps.data.begin() + maps.offset.back(), 0.0f);
+  const int64_t images = grads[0].images;
+  const int64_t threads = omp_get_max_threads();
+  const int64_t splits = std::max<int64_t>(1, (threads + images - 1) / images);
+  const int64_t chunk = std::max(
+      kChunkAlign, (channels + splits * kChunkAlign - 1) / (splits * kChunkAlign) * kChunkAlign);
+  const int64_t chunks = (channels + chunk - 1) / chunk;
+#pragma omp parallel
+  {
+    std::vector<float> grad(bins * bins * chunk);  // (bin, chunk channel) of one RoI
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < images * chunks; ++task) {
+      const int64_t image = task / chunks, c0 = (task % chunks) * chunk;
+      const int64_t width = std::min(chunk, channels - c0);
+      for (int64_t n = 0; n < g.rois; ++n) {
+        if (g.batch[n] != image) continue;
+        const float *src = dout + (n * channels + c0) * bins * bins;
+        Transpose(src, bins * bins, width, bins * bins, grad.data(), chunk);
+        const int32_t *ys = g.y + n * bins * taps, *xs = g.x + n * bins * taps;
+        const float *wys = g.wy + n * bins * taps, *wxs = g.wx + n * bins * taps;
+        const Level &map = grads[g.level[n]];
+        for (int64_t i = 0; i < bins; ++i) {
           for (int64_t j = 0; j < bins; ++j) {
-            const float grad = wy * src[i * bins + j];
-            for (int64_t b = 0; b < taps; ++b) row[xs[j * taps + b]] += wxs[j * taps + b] * grad;
+            const float *gb = grad.data() + (i * bins + j) * chunk;
+            for (int64_t a = 0; a < taps; ++a) {
+              for (int64_t b = 0; b < taps; ++b) {
+                const float w = wys[i * taps + a] * wxs[j * taps + b];
+                if (w == 0.0f) continue;
+                float *dst = maps.Pixel(g.level[n], map, image, ys[i * taps + a],
+                                        xs[j * taps + b]) + c0;
+#pragma omp simd
+                for (int64_t c = 0; c < width; ++c) dst[c] += w * gb[c];
+              }
+            }
           }
         }
       }
     }
   }
+  FromChannelLast(&maps, grads);
   return 0;
 }
 
