@@ -131,7 +131,8 @@ def synthetic_batch(batch: int, size: int, num_gts: int, mask_size: int, objects
 
 def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool):
     """(detector, train step) for one convolution implementation."""
-    from instaboost.builders import build_detector
+    from instaboost.builders import build_detector, uses_cpu_kernels
+    from instaboost.engine.finite import build_finite_check
     from instaboost.engine.train_step import build_loss_scaler, make_train_step
 
     detector = build_detector(detector_cfg, backbone_cfg, num_classes=COCO_NUM_CLASSES,
@@ -140,7 +141,8 @@ def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool):
     optimizer = nn.Momentum(detector.trainable_params(), learning_rate=BASE_LR,
                             momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     step = make_train_step(detector.forward_train, optimizer, loss_names=detector.loss_names,
-                           scaler=build_loss_scaler("none", 1.0))
+                           scaler=build_loss_scaler("none", 1.0),
+                           finite_check=build_finite_check(uses_cpu_kernels(impl)))
     return detector, step
 
 

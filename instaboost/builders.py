@@ -26,10 +26,17 @@ RCNN_SAMPLER_SEED_OFFSET = 1000
 # RoIAlign implementation: the gather path is exact (same numerics as ops.ROIAlign) and has a
 # correct, fast backward on any device; MindSpore 2.10's CPU ROIAlign backward gives wrong
 # gradients. With conv_impl "winograd" the project's C++ CPU kernels are in use, and RoIAlign
-# runs on its C++ kernel too (same grid, 2-2.5x faster forward+backward, measured), and the box
-# head's two shared FCs follow hardware.matmul_precision (layers/linear.py).
+# runs on its C++ kernel too (same grid, 2-2.5x faster forward+backward, measured), the box
+# head's two shared FCs follow hardware.matmul_precision (layers/linear.py) and the train step
+# checks its gradients with one kernel call (engine/finite.py).
 DEFAULT_ROI_ALIGN_IMPL = "gather"
 ROI_ALIGN_IMPL_WITH_CPU_KERNELS = "kernel"
+CONV_IMPL_WITH_CPU_KERNELS = "winograd"
+
+
+def uses_cpu_kernels(conv_impl: str) -> bool:
+    """Whether a run with this hardware.conv_impl uses the C++ CPU kernels of ``kernels/``."""
+    return conv_impl == CONV_IMPL_WITH_CPU_KERNELS
 
 
 def _proposal_cfg(section: Mapping[str, Any]) -> ProposalConfig:
@@ -82,7 +89,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
         raise ValueError(f"detector.name: only 'mask_rcnn' is built here, got "
                          f"{detector_cfg['name']!r}")
     if roi_align_impl is None:
-        roi_align_impl = (ROI_ALIGN_IMPL_WITH_CPU_KERNELS if conv_impl == "winograd"
+        roi_align_impl = (ROI_ALIGN_IMPL_WITH_CPU_KERNELS if uses_cpu_kernels(conv_impl)
                           else DEFAULT_ROI_ALIGN_IMPL)
     backbone = _build_backbone(backbone_cfg, conv_impl=conv_impl)
     neck_cfg = detector_cfg["neck"]
@@ -136,7 +143,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
                                   reg_class_agnostic=bool(bbox_cfg["reg_class_agnostic"]),
                                   loss_cls_weight=float(bbox_cfg["loss_cls_weight"]),
                                   loss_bbox_weight=float(bbox_cfg["loss_bbox_weight"]),
-                                  dense_impl="kernel" if conv_impl == "winograd" else "mindspore")
+                                  dense_impl="kernel" if uses_cpu_kernels(conv_impl) else "mindspore")
     mask_head = FCNMaskHead(in_channels=fpn_channels, num_convs=int(mask_cfg["num_convs"]),
                             conv_out_channels=int(mask_cfg["conv_out_channels"]),
                             roi_feat_size=int(mask_cfg["roi_feat_size"]),

@@ -25,12 +25,14 @@ def build_loss_scaler(kind: str, scale: float) -> amp.LossScaler:
 
 
 def make_train_step(forward_fn: Callable[..., Dict[str, Tensor]], optimizer, *, loss_names: Sequence[str],
-                    scaler: amp.LossScaler, clip_norm: Optional[float] = None, jit: bool = False
+                    scaler: amp.LossScaler, clip_norm: Optional[float] = None, jit: bool = False,
+                    finite_check: Callable[[Sequence[Tensor]], Tensor] = amp.all_finite
                     ) -> Callable[..., Tuple[Tensor, Tuple[Tensor, ...], Tensor]]:
     """Return `step(*batch) -> (total_loss, loss_terms, grads_finite)`.
 
     loss_terms follow `loss_names`. A step whose gradients are not finite (an fp16 overflow under a
     large loss scale, or a diverging run) skips the optimizer update and lets a dynamic scaler shrink.
+    `finite_check(grads)` answers that as a scalar bool Tensor (`instaboost.engine.finite`).
     """
     names = tuple(loss_names)
 
@@ -48,7 +50,7 @@ def make_train_step(forward_fn: Callable[..., Dict[str, Tensor]], optimizer, *, 
         (loss, terms), grads = grad_fn(*batch)
         loss = scaler.unscale(loss)
         grads = scaler.unscale(grads)
-        finite = amp.all_finite(grads)
+        finite = finite_check(grads)
         if clip_norm:
             grads = ops.clip_by_global_norm(grads, clip_norm)
         if finite:

@@ -13,12 +13,13 @@ import numpy as np
 from mindspore import nn
 from omegaconf import DictConfig, OmegaConf
 
-from instaboost.builders import build_detector
+from instaboost.builders import build_detector, uses_cpu_kernels
 from instaboost.data.coco import CocoSource
 from instaboost.data.demo_data import ensure_demo_dataset
 from instaboost.data.pipeline import build_eval_dataset, build_train_dataset
 from instaboost.data.transforms import build_instaboost_step
 from instaboost.engine.checkpoint import CheckpointManager
+from instaboost.engine.finite import build_finite_check
 from instaboost.engine.lr_schedule import multistep_with_warmup, scaled_learning_rate
 from instaboost.engine.train_step import build_loss_scaler, make_train_step
 from instaboost.engine.trainer import LoopSettings, Trainer
@@ -87,7 +88,8 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
                             momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     step_fn = make_train_step(network.forward_train, optimizer, loss_names=network.loss_names,
                               scaler=build_loss_scaler(schedule.loss_scale_type, schedule.loss_scale),
-                              clip_norm=schedule.grad_clip or None, jit=cfg.hardware.jit)
+                              clip_norm=schedule.grad_clip or None, jit=cfg.hardware.jit,
+                              finite_check=build_finite_check(uses_cpu_kernels(cfg.hardware.conv_impl)))
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_latest=schedule.keep_checkpoint_max,
                                     keep_best=schedule.keep_best_checkpoints_max)
     results_path = output_dir / "coco_results.json"

@@ -3,8 +3,8 @@
 //
 // Why: the gather formulation of RoIAlign in MindSpore ops materialises every bilinear tap of
 // every bin and channel (for the mask head's 256 RoIs x 14 x 14 bins x 16 taps x 256 channels,
-// 0.8 GB) and its backward scatters them back with a segment sum; here each output value reads
-// its taps straight from the feature map, and the backward accumulates straight into it.
+// 0.8 GB) and its backward scatters them back with a segment sum; here each bin sums its taps
+// from a channel-last copy of the maps, and the backward accumulates into one (see below).
 //
 // The sampling grid (which feature rows/columns each bin reads, with which weight) is computed
 // by the caller (instaboost/models/roi_extractor.py), so both implementations share one

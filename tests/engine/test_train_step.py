@@ -4,7 +4,11 @@ import pytest
 from mindspore import nn
 
 from instaboost.engine.checkpoint import CheckpointManager, load_checkpoint
+from instaboost.engine.finite import kernel_all_finite
 from instaboost.engine.train_step import build_loss_scaler, make_train_step
+
+FINITE_CHECKS = [pytest.param(ms.amp.all_finite, id="mindspore-check"),
+                 pytest.param(kernel_all_finite, id="kernel-check")]
 
 
 def _regression_problem(seed=0):
@@ -14,8 +18,9 @@ def _regression_problem(seed=0):
     return ms.Tensor(x), ms.Tensor(y)
 
 
+@pytest.mark.parametrize("finite_check", FINITE_CHECKS)
 @pytest.mark.parametrize("scaler_kind,scale", [("none", 1.0), ("static", 128.0), ("dynamic", 1024.0)])
-def test_loss_drops_with_every_scaler(scaler_kind, scale):
+def test_loss_drops_with_every_scaler(scaler_kind, scale, finite_check):
     ms.set_seed(0)
     net = nn.Dense(3, 2)
     lrs = ms.Tensor(np.full(20, 0.1, np.float32))
@@ -26,7 +31,7 @@ def test_loss_drops_with_every_scaler(scaler_kind, scale):
         return {"l2": (err ** 2).mean(), "l1": ms.ops.abs(err).mean()}
 
     step = make_train_step(forward, opt, loss_names=["l2", "l1"], scaler=build_loss_scaler(scaler_kind, scale),
-                           clip_norm=10.0)
+                           clip_norm=10.0, finite_check=finite_check)
     x, y = _regression_problem()
     losses = []
     for _ in range(10):
@@ -37,7 +42,8 @@ def test_loss_drops_with_every_scaler(scaler_kind, scale):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_non_finite_gradients_skip_the_update():
+@pytest.mark.parametrize("finite_check", FINITE_CHECKS)
+def test_non_finite_gradients_skip_the_update(finite_check):
     net = nn.Dense(3, 2)
     opt = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
     before = net.weight.asnumpy().copy()
@@ -45,7 +51,8 @@ def test_non_finite_gradients_skip_the_update():
     def forward(x, y):
         return {"bad": (net(x) * ms.Tensor(np.inf, ms.float32)).mean()}
 
-    step = make_train_step(forward, opt, loss_names=["bad"], scaler=build_loss_scaler("none", 1.0))
+    step = make_train_step(forward, opt, loss_names=["bad"], scaler=build_loss_scaler("none", 1.0),
+                           finite_check=finite_check)
     _, _, finite = step(*_regression_problem())
     assert not bool(finite)
     np.testing.assert_array_equal(net.weight.asnumpy(), before)
