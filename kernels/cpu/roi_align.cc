@@ -25,6 +25,8 @@
 
 #include <omp.h>
 
+#include "transpose_tiles.h"
+
 namespace {
 
 constexpr int kGridInputs = 6;  // level, batch, y, wy, x, wx
@@ -119,38 +121,6 @@ ChannelLastMaps &Scratch() {
   return maps;
 }
 
-constexpr int64_t kTile = 16;
-
-// One kTile x kTile tile of dst = src^T (src rows r0.., columns c0..; ld = row strides).
-inline void TransposeTile(const float *src, int64_t src_ld, int64_t rows, int64_t cols,
-                          int64_t r0, int64_t c0, float *dst, int64_t dst_ld) {
-  const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
-  for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t r = r0; r < r1; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
-  }
-}
-
-// dst (cols, rows) = src (rows, cols)^T, tile by tile: both sides stay within a few cache lines
-// per tile, where a plain double loop strides across one of them.
-void Transpose(const float *src, int64_t src_ld, int64_t rows, int64_t cols, float *dst,
-               int64_t dst_ld) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      TransposeTile(src, src_ld, rows, cols, r0, c0, dst, dst_ld);
-    }
-  }
-}
-
-// The same, shared among the threads of the enclosing parallel region.
-void TransposeShared(const float *src, int64_t rows, int64_t cols, float *dst) {
-#pragma omp for collapse(2) schedule(static) nowait
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      TransposeTile(src, cols, rows, cols, r0, c0, dst, rows);
-    }
-  }
-}
-
 void ToChannelLast(const std::vector<Level> &levels, ChannelLastMaps *maps) {
   maps->Resize(levels);
 #pragma omp parallel
@@ -158,8 +128,8 @@ void ToChannelLast(const std::vector<Level> &levels, ChannelLastMaps *maps) {
     const Level &m = levels[l];
     const int64_t pixels = m.height * m.width;
     for (int64_t image = 0; image < m.images; ++image) {
-      TransposeShared(m.data + image * m.channels * pixels, m.channels, pixels,
-                     maps->Pixel(l, m, image, 0, 0));
+      transpose_tiles::Shared(m.data + image * m.channels * pixels, m.channels, pixels,
+                              maps->Pixel(l, m, image, 0, 0));
     }
   }
 }
@@ -170,8 +140,8 @@ void FromChannelLast(ChannelLastMaps *maps, const std::vector<Level> &levels) {
     const Level &m = levels[l];
     const int64_t pixels = m.height * m.width;
     for (int64_t image = 0; image < m.images; ++image) {
-      TransposeShared(maps->Pixel(l, m, image, 0, 0), pixels, m.channels,
-                     m.data + image * m.channels * pixels);
+      transpose_tiles::Shared(maps->Pixel(l, m, image, 0, 0), pixels, m.channels,
+                              m.data + image * m.channels * pixels);
     }
   }
 }
@@ -213,8 +183,8 @@ int Forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
           }
         }
       }
-      Transpose(pooled.data(), channels, bins * bins, channels, out + n * channels * bins * bins,
-                bins * bins);
+      transpose_tiles::Serial(pooled.data(), channels, bins * bins, channels,
+                              out + n * channels * bins * bins, bins * bins);
     }
   }
   return 0;
@@ -261,7 +231,7 @@ int Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
       for (int64_t n = 0; n < g.rois; ++n) {
         if (g.batch[n] != image) continue;
         const float *src = dout + (n * channels + c0) * bins * bins;
-        Transpose(src, bins * bins, width, bins * bins, grad.data(), chunk);
+        transpose_tiles::Serial(src, bins * bins, width, bins * bins, grad.data(), chunk);
         const int32_t *ys = g.y + n * bins * taps, *xs = g.x + n * bins * taps;
         const float *wys = g.wy + n * bins * taps, *wxs = g.wx + n * bins * taps;
         const Level &map = grads[g.level[n]];

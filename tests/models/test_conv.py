@@ -339,3 +339,31 @@ def test_bfloat16_deconv2x2_stays_close_to_native():
     errors = _bfloat16_errors(build_deconv2x2(16, 8, impl="native"),
                               build_deconv2x2(16, 8, impl="winograd"), (3, 16, 14, 14), rng)
     assert 1e-5 < max(errors) < BF16_RTOL, errors
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_layout_kernels_equal_mindspore_transposes(groups):
+    """The unfold convolutions' layout changes through kernels/cpu/transpose.cc are the same
+    permutations as MindSpore's transposes (exact: they only move values)."""
+    from instaboost.models.layers import conv
+    rng = np.random.default_rng(SEED)
+    x = Tensor(rng.standard_normal((3, 6, 5, 7)).astype(np.float32))
+    weight = Tensor(rng.standard_normal((8, 6 // groups, 3, 3)).astype(np.float32))
+    for use_kernel in (False, True):
+        table = conv._to_row_table(x, groups, use_kernel)
+        if use_kernel:
+            np.testing.assert_array_equal(table.asnumpy(), expected_table)
+            np.testing.assert_array_equal(
+                conv._row_table_to_nchw(table, groups, 3, 6, 5, 7, True).asnumpy(), x.asnumpy())
+            np.testing.assert_array_equal(conv._weight_matrix(weight, groups, (0, 9), True)
+                                          .asnumpy(), expected_wmat)
+            np.testing.assert_array_equal(conv._weight_matrix(weight, groups, (2, 4), True)
+                                          .asnumpy(), expected_part)
+            np.testing.assert_array_equal(conv._weight_from_matrix(
+                Tensor(expected_wmat), groups, 6 // groups, (3, 3), True).asnumpy(),
+                weight.asnumpy())
+        else:
+            expected_table = table.asnumpy()
+            expected_wmat = conv._weight_matrix(weight, groups, (0, 9)).asnumpy()
+            expected_part = conv._weight_matrix(weight, groups, (2, 4)).asnumpy()
+    assert expected_table[-1].tolist() == [0.0] * (6 // groups)

@@ -1,10 +1,11 @@
 """Build and locate the project's C++ CPU kernels (``kernels/cpu/*.cc``) for MindSpore AOT ops.
 
 A kernel library is compiled on first use with the system C++ compiler into ``kernels/build/``
-(ignored by git) and reused while its source, the compiler flags and the CPU stay the same:
-the file name carries a hash of all three, because ``-march=native`` code built on one CPU may
-not run on another. The build writes to a temporary file and renames it, so concurrent first
-uses (a multirun, parallel tests) never load a half-written library.
+(ignored by git) and reused while its source (with the shared headers ``kernels/cpu/*.h``), the
+compiler flags and the CPU stay the same: the file name carries a hash of all three, because
+``-march=native`` code built on one CPU may not run on another. The build writes to a temporary
+file and renames it, so concurrent first uses (a multirun, parallel tests) never load a
+half-written library.
 """
 from __future__ import annotations
 
@@ -65,8 +66,10 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
     compiler = _compiler()
     flags = CXX_FLAGS + tuple(extra_flags)
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(flags).encode(), compiler.encode(),
-                 _cpu_signature().encode()):
+    # The shared headers too: a source that includes an edited header must be rebuilt.
+    headers = sorted((KERNELS_DIR / "cpu").glob("*.h"))
+    for part in (source.read_bytes(), *(h.read_bytes() for h in headers),
+                 " ".join(flags).encode(), compiler.encode(), _cpu_signature().encode()):
         key.update(part)
     target = BUILD_DIR / f"{name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
