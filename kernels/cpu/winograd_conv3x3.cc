@@ -20,6 +20,8 @@
 //   WinogradF4Output  (x, M_0..M_{k-1} (a*a,O,.))  -> y (N, O, H, W)
 //   WinogradF4InputAdjoint  (x, dV_0..dV_{k-1})    -> dx (N, C, H, W)   (adjoint of Input)
 //   WinogradF4OutputAdjoint (dy (N, O, H, W))      -> dM_0..dM_{k-1}    (adjoint of Output)
+//   WinogradF4Weight        (g (O, C, 3, 3))       -> U (a*a, O, C)     (U = G g G^T)
+//   WinogradF4WeightAdjoint (dU (a*a, O, C))       -> dg (O, C, 3, 3)   (adjoint of Weight)
 // Image sizes come from the NCHW tensor's shape, the chunking from the chunk shapes. The
 // convolution input x passed to Output and InputAdjoint is not read: MindSpore caches an AOT
 // op's output shape by its input shapes, and without x a 4x4 and a 2x2 map (one tile each)
@@ -71,6 +73,17 @@ struct BTt {  // adjoint of the input transform: dd = BT^T dV BT
 };
 struct ATt {  // adjoint of the output transform: dM = AT^T dY AT
   static constexpr Mat<kIn, kOut> m = Transpose(AT::m);
+};
+struct G {  // weight transform: U = G g G^T
+  static constexpr Mat<kIn, 3> m = {{{1.0f / 4, 0, 0},
+                                     {-1.0f / 6, -1.0f / 6, -1.0f / 6},
+                                     {-1.0f / 6, 1.0f / 6, -1.0f / 6},
+                                     {1.0f / 24, 1.0f / 12, 1.0f / 6},
+                                     {1.0f / 24, -1.0f / 12, 1.0f / 6},
+                                     {0, 0, 1}}};
+};
+struct Gt {  // adjoint of the weight transform: dg = G^T dU G
+  static constexpr Mat<3, kIn> m = Transpose(G::m);
 };
 
 // out = L in R^T for every lane, L (R1 x K1), R (R2 x K2) compile-time constants: the loops
@@ -345,6 +358,54 @@ int OutputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
   return 0;
 }
 
+// U (36, O, C) = G g G^T for every filter of g (O, C, 3, 3); with `adjoint`, dg = G^T dU G.
+// Lanes are kLanes consecutive (o, c) filters: a point's values are then contiguous in U.
+// (MindSpore's MatMul of the (36, 9) transform by (O*C, 9)^T ran 11 ms for a 512x512 weight,
+// and the RPN head transforms its one weight once per pyramid level.)
+template <bool kAdjoint>
+int WeightTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
+  constexpr int kTaps = 9;
+  const int filters_index = kAdjoint ? 1 : 0, points_index = kAdjoint ? 0 : 1;
+  if (nparam != 2 || ndims[filters_index] != 4 || ndims[points_index] != 3) return 1;
+  const int64_t *f = shapes[filters_index], *u = shapes[points_index];
+  if (f[2] != 3 || f[3] != 3 || u[0] != kPoints || u[1] != f[0] || u[2] != f[1]) return 1;
+  float *filters = static_cast<float *>(params[filters_index]);
+  float *points = static_cast<float *>(params[points_index]);
+  const int64_t count = f[0] * f[1];
+#pragma omp parallel
+  {
+    float g[3][3][kLanes], v[kIn][kIn][kLanes];
+#pragma omp for schedule(static)
+    for (int64_t first = 0; first < count; first += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, count - first));
+      if (!kAdjoint) {
+        for (int k = 0; k < kTaps; ++k) {
+          for (int lane = 0; lane < kLanes; ++lane) {
+            g[k / 3][k % 3][lane] = filters[(first + std::min(lane, lanes - 1)) * kTaps + k];
+          }
+        }
+        Transform2D<G, G>(g, v);
+        for (int p = 0; p < kPoints; ++p) {
+          std::memcpy(points + p * count + first, v[p / kIn][p % kIn], sizeof(float) * lanes);
+        }
+      } else {
+        for (int p = 0; p < kPoints; ++p) {
+          for (int lane = 0; lane < kLanes; ++lane) {
+            v[p / kIn][p % kIn][lane] = points[p * count + first + std::min(lane, lanes - 1)];
+          }
+        }
+        Transform2D<Gt, Gt>(v, g);
+        for (int lane = 0; lane < lanes; ++lane) {
+          for (int k = 0; k < kTaps; ++k) {
+            filters[(first + lane) * kTaps + k] = g[k / 3][k % 3][lane];
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 #define WINOGRAD_ENTRY(NAME, FUNCTION)                                                      \
@@ -362,3 +423,5 @@ WINOGRAD_ENTRY(WinogradF4Input, InputTransform)
 WINOGRAD_ENTRY(WinogradF4Output, OutputTransform)
 WINOGRAD_ENTRY(WinogradF4InputAdjoint, InputAdjoint)
 WINOGRAD_ENTRY(WinogradF4OutputAdjoint, OutputAdjoint)
+WINOGRAD_ENTRY(WinogradF4Weight, WeightTransform<false>)
+WINOGRAD_ENTRY(WinogradF4WeightAdjoint, WeightTransform<true>)

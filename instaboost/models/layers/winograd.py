@@ -5,7 +5,7 @@ A 3x3 convolution costs 9 multiply-adds per output pixel and channel pair; F(4, 
 3x on the mask head's 14x14 RoIs, whose 16x16 tiling wastes a little). Per batch:
 
     V[p] (C, tiles) = input transform  Bᵀ d B of every 6x6 tile d of x     (C++ kernel)
-    U[p] (O, C)     = weight transform G g Gᵀ of every 3x3 filter g        (one small matmul)
+    U[p] (O, C)     = weight transform G g Gᵀ of every 3x3 filter g        (C++ kernel)
     M[p] (O, tiles) = U[p] · V[p] for the 36 points p                       (BatchMatMul)
     y               = output transform Aᵀ M A of every tile, cropped        (C++ kernel)
 
@@ -30,7 +30,6 @@ import functools
 import math
 from typing import List, NamedTuple, Tuple
 
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
@@ -39,24 +38,10 @@ from instaboost.models.layers.native_kernels import aot_op, kernel_library
 OUTPUT_TILE = 4                       # m of F(m, 3)
 INPUT_TILE = OUTPUT_TILE + 2          # a = m + r - 1
 POINTS = INPUT_TILE * INPUT_TILE      # 36 products per tile
-KERNEL_TAPS = 9
 # Tiles per BatchMatMul (see the module docstring for the measurement behind it).
 TILE_CHUNK = 2048
 _LIBRARY = "winograd_conv3x3"
 _OP_CACHE_SIZE = 256
-
-# G of F(4, 3) (Lavin & Gray 2016): U = G g Gᵀ for a 3x3 filter g.
-_G = np.array([[1 / 4, 0, 0],
-               [-1 / 6, -1 / 6, -1 / 6],
-               [-1 / 6, 1 / 6, -1 / 6],
-               [1 / 24, 1 / 12, 1 / 6],
-               [1 / 24, -1 / 12, 1 / 6],
-               [0, 0, 1]], np.float64)
-
-
-def weight_transform_matrix() -> np.ndarray:
-    """(36, 9) float32 matrix mapping a flattened 3x3 filter to its 6x6 transform (kron(G, G))."""
-    return np.kron(_G, _G).astype(np.float32)
 
 
 def tile_chunks(batch: int, height: int, width: int) -> Tuple[int, ...]:
@@ -88,6 +73,14 @@ def _custom(function: str, shapes: List[Tuple[int, ...]]) -> ops.Custom:
     return aot_op(_LIBRARY, function, lambda *_: out_shape, lambda *_: out_dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def weight_ops() -> Tuple[ops.Custom, ops.Custom]:
+    """(G g Gᵀ: (O, C, 3, 3) -> U (36, O, C), its adjoint: dU -> dg (O, C, 3, 3))."""
+    return (aot_op(_LIBRARY, "WinogradF4Weight", lambda g: (POINTS, g[0], g[1]), lambda d: d),
+            aot_op(_LIBRARY, "WinogradF4WeightAdjoint", lambda u: (u[1], u[2], 3, 3),
+                   lambda d: d))
+
+
 @functools.lru_cache(maxsize=_OP_CACHE_SIZE)
 def transform_ops(batch: int, in_channels: int, out_channels: int, height: int,
                   width: int) -> _TransformOps:
@@ -115,28 +108,21 @@ class WinogradConvFunction(nn.Cell):
     def __init__(self):
         super().__init__()
         kernel_library(_LIBRARY)  # build (or find) the C++ kernels now: errors surface at build
-        self.transform = Tensor(weight_transform_matrix())       # (36, 9)
+        self.weight_transform, self.weight_adjoint = weight_ops()
 
     def _ops(self, x: Tensor, weight: Tensor) -> _TransformOps:
         n, c, h, w = x.shape
         return transform_ops(n, c, weight.shape[0], h, w)
 
-    def _weights(self, weight: Tensor) -> Tensor:
-        """(O, C, 3, 3) -> U (36, O, C)."""
-        o, c = weight.shape[0], weight.shape[1]
-        flat = weight.reshape(o * c, KERNEL_TAPS)
-        return ops.MatMul(transpose_b=True)(self.transform, flat).reshape(POINTS, o, c)
-
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
         transforms = self._ops(x, weight)
-        u = self._weights(weight)
+        u = self.weight_transform(weight)
         products = [ops.BatchMatMul()(u, v) for v in _as_tuple(transforms.input(x))]
         return transforms.output(x, *products)
 
     def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
-        o, c = weight.shape[0], weight.shape[1]
         transforms = self._ops(x, weight)
-        u = self._weights(weight)
+        u = self.weight_transform(weight)
         dproducts = _as_tuple(transforms.output_adjoint(dout))
         inputs = _as_tuple(transforms.input(x))
         du = None
@@ -146,5 +132,4 @@ class WinogradConvFunction(nn.Cell):
             du = part if du is None else du + part
             dinputs.append(ops.BatchMatMul(transpose_a=True)(u, dm))         # (36, C, tiles)
         dx = transforms.input_adjoint(x, *dinputs)
-        dweight = ops.MatMul(transpose_a=True)(du.reshape(POINTS, o * c), self.transform)
-        return dx, dweight.reshape(weight.shape)
+        return dx, self.weight_adjoint(du)
