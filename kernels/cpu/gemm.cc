@@ -23,7 +23,10 @@
 //   MatMulTN (A (.., K, M), B (.., K, N)) -> C (.., M, N)
 // A and B are 2-D or 3-D (leading batch axis); a 2-D operand is shared by every batch item of
 // the other one; with two 3-D operands the batch sizes must match. C is 3-D when either operand
-// is. Returns non-zero for a wrong dtype or inconsistent shapes.
+// is. A tensor of more than 3 dimensions (d0, d1, d2, ...) is read as the 3-D (d0, d1, d2*...):
+// NCHW images are then (N, C, pixels) matrices as they are, because MindSpore copies a reshaped
+// view in full before handing it to a custom operator (measured: a 33 MB activation, 2.7 ms).
+// Returns non-zero for a wrong dtype or inconsistent shapes.
 #include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -551,6 +554,23 @@ void Gemm(const Problem &p) {
   }
 }
 
+// A tensor's shape as a stack of matrices: out = (batch, rows, columns); returns 2 for a 2-D
+// tensor (batch 1), 3 for three or more dimensions (the trailing ones flattened), 0 otherwise.
+int AsMatrixStack(int ndim, const int64_t *shape, int64_t out[3]) {
+  if (ndim < 2) return 0;
+  if (ndim == 2) {
+    out[0] = 1;
+    out[1] = shape[0];
+    out[2] = shape[1];
+    return 2;
+  }
+  out[0] = shape[0];
+  out[1] = shape[1];
+  out[2] = 1;
+  for (int d = 2; d < ndim; ++d) out[2] *= shape[d];
+  return 3;
+}
+
 // Reads the AOT parameters into a Problem; false for a wrong dtype or inconsistent shapes.
 bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                  bool trans_a, bool trans_b, Problem *p) {
@@ -558,10 +578,14 @@ bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, const 
   for (int i = 0; i < 3; ++i) {
     if (std::strcmp(dtypes[i], "float32") != 0) return false;
   }
-  const int da = ndims[0], db = ndims[1], dc = ndims[2];
-  if (da < 2 || da > 3 || db < 2 || db > 3 || dc != std::max(da, db)) return false;
-  const int64_t *sa = shapes[0] + (da - 2), *sb = shapes[1] + (db - 2), *sc = shapes[2];
-  const int64_t batch_a = da == 3 ? shapes[0][0] : 1, batch_b = db == 3 ? shapes[1][0] : 1;
+  // Each tensor as (batch, rows, columns): 2-D ones as (1, rows, columns), see the header.
+  int64_t fa[3], fb[3], fc[3];
+  const int da = AsMatrixStack(ndims[0], shapes[0], fa);
+  const int db = AsMatrixStack(ndims[1], shapes[1], fb);
+  const int dc = AsMatrixStack(ndims[2], shapes[2], fc);
+  if (da == 0 || db == 0 || dc != std::max(da, db)) return false;
+  const int64_t *sa = fa + 1, *sb = fb + 1, *sc = dc == 3 ? fc : fc + 1;
+  const int64_t batch_a = fa[0], batch_b = fb[0];
   if (da == 3 && db == 3 && batch_a != batch_b) return false;
   p->batch = std::max(batch_a, batch_b);
   p->trans_a = trans_a;

@@ -62,6 +62,29 @@ def test_kernel_matches_numpy_and_mindspore(a_shape, b_shape, transpose_a, trans
         assert np.abs(got - expected).max() / scale < RTOL, impl
 
 
+NCHW_CASES = [
+    pytest.param((13, 20), (4, 20, 5, 7), False, False, (4, 13, 5, 7), id="w-times-images"),
+    pytest.param((20, 13), (4, 20, 5, 7), True, False, (4, 13, 5, 7), id="wt-times-images"),
+    pytest.param((4, 13, 5, 7), (4, 20, 5, 7), False, True, (4, 13, 20), id="images-nt"),
+]
+
+
+@pytest.mark.parametrize("a_shape, b_shape, transpose_a, transpose_b, out_shape", NCHW_CASES)
+def test_nchw_operands_are_read_as_pixel_matrices(a_shape, b_shape, transpose_a, transpose_b,
+                                                  out_shape):
+    """(N, C, H, W) operands multiply as (N, C, H*W) with no reshape (what the 1x1
+    convolutions pass), and a product over b's pixels keeps them as (H, W)."""
+    rng = np.random.default_rng(SEED)
+    a, b = _operands(rng, a_shape, b_shape)
+    flat = [x.reshape(x.shape[:2] + (-1,)) if x.ndim > 3 else x for x in (a, b)]
+    expected = _reference(*flat, transpose_a, transpose_b).reshape(out_shape)
+    assert product_shape(a_shape, b_shape, transpose_a, transpose_b) == out_shape
+    for impl in ("kernel", "mindspore"):
+        got = matmul(Tensor(a), Tensor(b), transpose_a, transpose_b, impl=impl).asnumpy()
+        assert got.shape == out_shape
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="-mno-avx512f is an x86 compiler flag")
 def test_portable_build_without_avx512_matches_numpy():
@@ -136,7 +159,7 @@ def test_product_shape_rejects_mismatches():
         product_shape((3, 4), (5, 6), False, False)
     with pytest.raises(ValueError, match="batch sizes"):
         product_shape((2, 3, 4), (3, 4, 5), False, False)
-    with pytest.raises(ValueError, match="2-D or 3-D"):
+    with pytest.raises(ValueError, match="at least 2-D"):
         product_shape((3,), (3, 4), False, False)
 
 
