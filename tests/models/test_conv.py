@@ -182,11 +182,13 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
     pytest.param(1, (7, 4, 6, 6), 4 * 36 * 9 * 4 * 3, id="images-per-chunk"),
     pytest.param(2, (7, 4, 6, 6), 4 * 36 * 9 * 4 * 2, id="images-per-chunk-groups"),
 ])
-def test_unfold_chunking_matches_native(groups, shape, chunk_bytes):
+@pytest.mark.parametrize("matmul_impl", ["mindspore", "kernel"])
+def test_unfold_chunking_matches_native(groups, shape, chunk_bytes, matmul_impl):
     """Small patch budgets force splitting by kernel taps or batching several images."""
     rng = np.random.default_rng(SEED)
     native = build_conv2d(4, 6, 3, padding=1, groups=groups, impl="native")
-    unfold = UnfoldConv2d(4, 6, 3, padding=1, groups=groups, chunk_bytes=chunk_bytes)
+    unfold = UnfoldConv2d(4, 6, 3, padding=1, groups=groups, chunk_bytes=chunk_bytes,
+                          matmul_impl=matmul_impl)
     plan = unfold.function._plan(Tensor(np.zeros(shape, np.float32)), unfold.weight)
     assert len(plan.chunks) > shape[0] or len(plan.chunks) < shape[0]
     _assert_same(native, unfold, shape, rng)

@@ -117,7 +117,7 @@ class _Chunk(NamedTuple):
     """One matmul's worth of work: images ``first .. first+count-1``, kernel taps
     ``taps[0] .. taps[0]+taps[1]-1``.
 
-    index: int32 (G*count*pixels*tap_count,) rows of the chunk's own row table (its ``count``
+    index: int32 (G, count*pixels, tap_count) rows of the chunk's own row table (its ``count``
         images, see `_to_row_table`), ordered (group, image, output pixel, tap); None for 1x1
         convolutions (no gather). Chunks with the same count and taps share one index.
     to_images: int32 row permutation (G*Og*count,) that turns (G, Og, count, P) into
@@ -153,7 +153,9 @@ def _patch_index(groups: int, count: int, height: int, width: int, kernel: Tuple
     followed by one zero row (index ``groups*count*height*width``) used for padding.
 
     Returns:
-        int32 Tensor (G * count * Ho*Wo * tap_count,), ordered (group, image, pixel, tap).
+        int32 Tensor (G, count * Ho*Wo, tap_count), ordered (group, image, pixel, tap): a
+        gather of the row table by it is the patch matrix (G, m, taps, C/G), with no reshape
+        (a reshaped view is copied in full before it reaches the matmul kernel).
     """
     kh, kw = kernel
     sh, sw = stride
@@ -171,7 +173,7 @@ def _patch_index(groups: int, count: int, height: int, width: int, kernel: Tuple
     base = np.arange(groups * count).reshape(groups, count) * (height * width)
     index = base[:, :, None, None] + pixel[None, None]                     # (G, n, HoWo, t)
     index = np.where(valid[None, None], index, zero_row)
-    return Tensor(index.reshape(-1).astype(np.int32))
+    return Tensor(index.reshape(groups, count * out_h * out_w, -1).astype(np.int32))
 
 
 @functools.lru_cache(maxsize=_INDEX_CACHE_SIZE)
@@ -366,9 +368,11 @@ class _UnfoldConvFunction(nn.Cell):
         return _make_plan(self.groups, n, h, w, c // self.groups, weight.shape[0] // self.groups,
                           self.kernel, self.stride, self.padding, self.chunk_bytes)
 
-    def _patches(self, table: Tensor, chunk: _Chunk, cg: int) -> Tensor:
-        """(G, count*pixels, tap_count*Cg) patch matrix of one chunk."""
-        return ops.gather(table, chunk.index, 0).reshape(self.groups, -1, chunk.taps[1] * cg)
+    @staticmethod
+    def _patches(table: Tensor, chunk: _Chunk) -> Tensor:
+        """(G, count*pixels, tap_count, Cg) patches of one chunk: the matmuls read it as the
+        (G, count*pixels, tap_count*Cg) patch matrix (gemm.py)."""
+        return ops.gather(table, chunk.index, 0)
 
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
         n, c, _, _ = x.shape
@@ -382,7 +386,7 @@ class _UnfoldConvFunction(nn.Cell):
                 table = _to_row_table(x[chunk.first:chunk.first + chunk.count], self.groups,
                                       self.use_kernel)
             wmat = _weight_matrix(weight, self.groups, chunk.taps, self.use_kernel)
-            y = matmul(wmat, self._patches(table, chunk, cg), transpose_b=True,
+            y = matmul(wmat, self._patches(table, chunk), transpose_b=True,
                        impl=self.matmul_impl)                                      # (G,Og,nP)
             y = _group_major_to_output(y, chunk, pixels)                            # (n, O, P)
             if i > 0 and chunk.first == plan.chunks[i - 1].first:
@@ -410,13 +414,13 @@ class _UnfoldConvFunction(nn.Cell):
                 table = _to_row_table(x[first:first + count], self.groups, self.use_kernel)
             wmat = _weight_matrix(weight, self.groups, chunk.taps, self.use_kernel)  # (G,Og,K)
             dy = _output_to_group_major(dout[first:first + count], chunk, self.groups)
-            patches = self._patches(table, chunk, cg)                              # (G, m, K)
+            patches = self._patches(table, chunk)                        # (G, m, taps, Cg)
             dw = matmul(dy, patches, impl=self.matmul_impl)                        # (G, Og, K)
             dweights[chunk.taps] = dw if chunk.taps not in dweights else dweights[chunk.taps] + dw
             if not self.input_grad:
                 continue
             dpatches = matmul(dy, wmat, transpose_a=True, impl=self.matmul_impl)   # (G, m, K)
-            part = ops.unsorted_segment_sum(dpatches.reshape(-1, cg), chunk.index,
+            part = ops.unsorted_segment_sum(dpatches.reshape(-1, cg), chunk.index.reshape(-1),
                                             table.shape[0])
             dtable = part if new_images else dtable + part
             if i == last or plan.chunks[i + 1].first != first:
