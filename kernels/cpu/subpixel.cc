@@ -9,8 +9,10 @@
 // backend (0.15-0.45 s per training step measured); here it is one pass over memory.
 //
 // Entry points (params: input, then output):
-//   Interleave2x2        (P (N, O, 2, 2, H, W))  -> Y (N, O, 2H, 2W)
-//   Interleave2x2Adjoint (dY (N, O, 2H, 2W))     -> dP (N, O, 2, 2, H, W)   (the inverse)
+//   Interleave2x2        (P (N, 4*O, H, W))  -> Y (N, O, 2H, 2W)
+//   Interleave2x2Adjoint (dY (N, O, 2H, 2W)) -> dP (N, 4*O, H, W)   (the inverse)
+// P's channels are ordered (o, a, b): the product's output rows as they come, 4-D so that no
+// reshape stands between the two (MindSpore copies a reshaped view before a custom op).
 #include <cstdint>
 #include <cstring>
 
@@ -26,15 +28,15 @@ bool ReadShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes, b
     return false;
   }
   const int maps = adjoint ? 1 : 0, image = adjoint ? 0 : 1;
-  if (ndims[maps] != 6 || ndims[image] != 4) return false;
+  if (ndims[maps] != 4 || ndims[image] != 4) return false;
   const int64_t *m = shapes[maps], *y = shapes[image];
-  if (m[2] != kFactor || m[3] != kFactor || m[0] != y[0] || m[1] != y[1] ||
-      y[2] != kFactor * m[4] || y[3] != kFactor * m[5]) {
+  if (m[0] != y[0] || m[1] != kFactor * kFactor * y[1] || y[2] != kFactor * m[2] ||
+      y[3] != kFactor * m[3]) {
     return false;
   }
-  *planes = m[0] * m[1];
-  *height = m[4];
-  *width = m[5];
+  *planes = y[0] * y[1];
+  *height = m[2];
+  *width = m[3];
   return true;
 }
 

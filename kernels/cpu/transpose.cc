@@ -9,10 +9,11 @@
 //
 // Entry points (params: input, then output):
 //   SwapLastAxes (x (B, R, C)) -> y (B, C, R),      y[b][c][r] = x[b][r][c]
-//   ToRowTable   (x (B, R, C)) -> y (B * C + 1, R), y[b * C + c][r] = x[b][r][c], last row 0
-// ToRowTable is an unfold convolution's row table of NCHW images (x = (N, C, H*W)): one row per
-// pixel and a zero row that padding taps gather, written in one pass (a transpose followed by
-// a concatenation copies the table twice).
+//   ToRowTable   (x (B, R, C...)) -> y (B * C + 1, R), y[b * C + c][r] = x[b][r][c], last row 0
+// ToRowTable is an unfold convolution's row table of NCHW images (x = (N, C, H, W), read as
+// (N, C, H*W): a reshaped view would be copied by MindSpore first): one row per pixel and a
+// zero row that padding taps gather, written in one pass (a transpose followed by a
+// concatenation copies the table twice).
 #include <cstdint>
 #include <cstring>
 
@@ -45,8 +46,10 @@ int SwapLastAxesImpl(int nparam, void **params, int *ndims, int64_t **shapes,
 
 int ToRowTableImpl(int nparam, void **params, int *ndims, int64_t **shapes,
                    const char **dtypes) {
-  if (!Float32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 2) return 1;
-  const int64_t batch = shapes[0][0], rows = shapes[0][1], cols = shapes[0][2];
+  if (!Float32(nparam, dtypes) || ndims[0] < 3 || ndims[1] != 2) return 1;
+  const int64_t batch = shapes[0][0], rows = shapes[0][1];
+  int64_t cols = 1;
+  for (int d = 2; d < ndims[0]; ++d) cols *= shapes[0][d];
   if (shapes[1][0] != batch * cols + 1 || shapes[1][1] != rows) return 1;
   float *y = static_cast<float *>(params[1]);
   TransposeEach(static_cast<const float *>(params[0]), batch, rows, cols, y);

@@ -247,8 +247,8 @@ def _swap_last_axes_op() -> ops.Custom:
 @functools.lru_cache(maxsize=None)
 def _row_table_op() -> ops.Custom:
     # Used inside custom bprops only (the unfold functions), so it needs none of its own.
-    return aot_op("transpose", "ToRowTable", out_shape=lambda s: (s[0] * s[2] + 1, s[1]),
-                  out_dtype=lambda d: d)
+    return aot_op("transpose", "ToRowTable",
+                  out_shape=lambda s: (s[0] * math.prod(s[2:]) + 1, s[1]), out_dtype=lambda d: d)
 
 
 def _swap_last_axes(x: Tensor, use_kernel: bool) -> Tensor:
@@ -263,7 +263,7 @@ def _to_row_table(x: Tensor, groups: int, use_kernel: bool = False) -> Tensor:
     n, c, h, w = x.shape
     cg = c // groups
     if groups == 1 and use_kernel:
-        return _row_table_op()(x.reshape(n, c, h * w))    # the zero row written in the same pass
+        return _row_table_op()(x)          # the zero row written in the same pass, x unreshaped
     if groups == 1:
         rows = ops.transpose(x.reshape(n, c, h * w), (0, 2, 1)).reshape(n * h * w, c)
     else:
@@ -658,14 +658,14 @@ class _Deconv2x2Function(nn.Cell):
 
 @functools.lru_cache(maxsize=None)
 def _interleave_ops() -> Tuple[ops.Custom, ops.Custom]:
-    """AOT ops of ``kernels/cpu/subpixel.cc``: (N, O, 2, 2, H, W) <-> (N, O, 2H, 2W)."""
+    """AOT ops of ``kernels/cpu/subpixel.cc``: (N, O*4, H, W) <-> (N, O, 2H, 2W)."""
     def image_shape(maps):
-        n, o, _, _, h, w = maps
-        return (n, o, 2 * h, 2 * w)
+        n, o4, h, w = maps
+        return (n, o4 // 4, 2 * h, 2 * w)
 
     def maps_shape(image):
         n, o, h, w = image
-        return (n, o, 2, 2, h // 2, w // 2)
+        return (n, 4 * o, h // 2, w // 2)
 
     def float32(_):
         return ms.float32
@@ -684,23 +684,21 @@ class _KernelDeconv2x2Function(nn.Cell):
 
     FACTOR = 2
 
+    # NCHW tensors go to the kernels unreshaped (a reshaped view is copied first, gemm.py).
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        o = weight.shape[1]
+        c, o = weight.shape[0], weight.shape[1]
         interleave, _ = _interleave_ops()
-        maps = matmul(weight.reshape(c, o * 4), x.reshape(n, c, h * w), transpose_a=True,
-                      impl="kernel")                                            # (N, O*4, HW)
-        return interleave(maps.reshape(n, o, self.FACTOR, self.FACTOR, h, w))
+        maps = matmul(weight.reshape(c, o * 4), x, transpose_a=True, impl="kernel")  # (N,4O,H,W)
+        return interleave(maps)
 
     def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
-        n, c, h, w = x.shape
-        o = weight.shape[1]
+        c, o = weight.shape[0], weight.shape[1]
         _, interleave_adjoint = _interleave_ops()
-        dmaps = interleave_adjoint(dout).reshape(n, o * 4, h * w)
+        dmaps = interleave_adjoint(dout)                                         # (N, 4O, H, W)
         wmat = weight.reshape(c, o * 4)
-        dx = matmul(wmat, dmaps, impl="kernel")                                   # (N, C, HW)
-        dweight = matmul(x.reshape(n, c, h * w), dmaps, transpose_b=True, impl="kernel")
-        return dx.reshape(x.shape), dweight.sum(0).reshape(weight.shape)
+        dx = matmul(wmat, dmaps, impl="kernel")                                   # (N, C, H, W)
+        dweight = matmul(x, dmaps, transpose_b=True, impl="kernel")               # (N, C, 4O)
+        return dx, dweight.sum(0).reshape(weight.shape)
 
 
 class UnfoldDeconv2x2(nn.Cell):
