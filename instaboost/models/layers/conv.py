@@ -375,8 +375,7 @@ class _UnfoldConvFunction(nn.Cell):
         return ops.gather(table, chunk.index, 0)
 
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
-        n, c, _, _ = x.shape
-        cg = c // self.groups
+        n = x.shape[0]
         plan = self._plan(x, weight)
         pixels = plan.out_h * plan.out_w
         outputs = []
