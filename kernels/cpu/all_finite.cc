@@ -14,6 +14,8 @@
 #include <limits>
 #include <vector>
 
+#include "aot_entry.h"
+
 namespace {
 
 // Elements per task: tensors are cut into chunks so that one large tensor (the box head's
@@ -62,9 +64,4 @@ int AllFiniteImpl(int nparam, void **params, int *ndims, int64_t **shapes, const
 
 }  // namespace
 
-extern "C" int AllFinite(int nparam, void **params, int *ndims, int64_t **shapes,
-                         const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return AllFiniteImpl(nparam, params, ndims, shapes, dtypes);
-}
+AOT_ENTRY(AllFinite, AllFiniteImpl)

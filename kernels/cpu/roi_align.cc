@@ -25,6 +25,7 @@
 
 #include <omp.h>
 
+#include "aot_entry.h"
 #include "transpose_tiles.h"
 
 namespace {
@@ -259,16 +260,5 @@ int Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
 
 }  // namespace
 
-extern "C" int RoIAlignForward(int nparam, void **params, int *ndims, int64_t **shapes,
-                               const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return Forward(nparam, params, ndims, shapes, dtypes);
-}
-
-extern "C" int RoIAlignBackward(int nparam, void **params, int *ndims, int64_t **shapes,
-                                const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return Backward(nparam, params, ndims, shapes, dtypes);
-}
+AOT_ENTRY(RoIAlignForward, Forward)
+AOT_ENTRY(RoIAlignBackward, Backward)

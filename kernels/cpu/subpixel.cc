@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "aot_entry.h"
+
 namespace {
 
 constexpr int kFactor = 2;
@@ -78,16 +80,5 @@ int Run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dt
 
 }  // namespace
 
-extern "C" int Interleave2x2(int nparam, void **params, int *ndims, int64_t **shapes,
-                             const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return Run<true>(nparam, params, ndims, shapes, dtypes);
-}
-
-extern "C" int Interleave2x2Adjoint(int nparam, void **params, int *ndims, int64_t **shapes,
-                                    const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return Run<false>(nparam, params, ndims, shapes, dtypes);
-}
+AOT_ENTRY(Interleave2x2, Run<true>)
+AOT_ENTRY(Interleave2x2Adjoint, Run<false>)

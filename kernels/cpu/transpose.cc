@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "aot_entry.h"
 #include "transpose_tiles.h"
 
 namespace {
@@ -59,16 +60,5 @@ int ToRowTableImpl(int nparam, void **params, int *ndims, int64_t **shapes,
 
 }  // namespace
 
-extern "C" int SwapLastAxes(int nparam, void **params, int *ndims, int64_t **shapes,
-                            const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return SwapLastAxesImpl(nparam, params, ndims, shapes, dtypes);
-}
-
-extern "C" int ToRowTable(int nparam, void **params, int *ndims, int64_t **shapes,
-                          const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return ToRowTableImpl(nparam, params, ndims, shapes, dtypes);
-}
+AOT_ENTRY(SwapLastAxes, SwapLastAxesImpl)
+AOT_ENTRY(ToRowTable, ToRowTableImpl)
