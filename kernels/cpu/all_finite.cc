@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "aot_entry.h"
+#include "shapes.h"
 
 namespace {
 
@@ -22,25 +23,21 @@ namespace {
 // 12.8 M-weight FC) does not leave a single thread with most of the work.
 constexpr int64_t kChunk = 1 << 16;
 
-int64_t Elements(int ndim, const int64_t *shape) {
-  int64_t count = 1;
-  for (int d = 0; d < ndim; ++d) count *= shape[d];
-  return count;
-}
-
 int AllFiniteImpl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   const int inputs = nparam - 1;
   if (inputs < 1 || std::strcmp(dtypes[inputs], "bool") != 0) return 1;
+  std::vector<int64_t> counts(inputs);
   int64_t chunks = 0;
   for (int i = 0; i < inputs; ++i) {
     if (std::strcmp(dtypes[i], "float32") != 0) return 1;
-    chunks += (Elements(ndims[i], shapes[i]) + kChunk - 1) / kChunk;
+    counts[i] = tensor_shape::Product(shapes[i], 0, ndims[i]);
+    chunks += (counts[i] + kChunk - 1) / kChunk;
   }
   // Chunk c of the concatenation: tensor `owner[c]`, elements from `start[c]`.
   std::vector<int> owner(chunks);
   std::vector<int64_t> start(chunks);
   for (int i = 0, c = 0; i < inputs; ++i) {
-    for (int64_t s = 0; s < Elements(ndims[i], shapes[i]); s += kChunk, ++c) {
+    for (int64_t s = 0; s < counts[i]; s += kChunk, ++c) {
       owner[c] = i;
       start[c] = s;
     }
@@ -51,7 +48,7 @@ int AllFiniteImpl(int nparam, void **params, int *ndims, int64_t **shapes, const
   for (int64_t c = 0; c < chunks; ++c) {
     const int i = owner[c];
     const float *values = static_cast<const float *>(params[i]) + start[c];
-    const int64_t count = std::min(kChunk, Elements(ndims[i], shapes[i]) - start[c]);
+    const int64_t count = std::min(kChunk, counts[i] - start[c]);
     unsigned chunk_bad = 0;
     // |x| <= FLT_MAX is false for inf and for NaN (every comparison with NaN is false).
 #pragma omp simd reduction(| : chunk_bad)

@@ -37,6 +37,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "shapes.h"
+
 namespace {
 
 constexpr int kMR = 12;    // rows of the register tile
@@ -554,23 +556,6 @@ void Gemm(const Problem &p) {
   }
 }
 
-// A tensor's shape as a stack of matrices: out = (batch, rows, columns); returns 2 for a 2-D
-// tensor (batch 1), 3 for three or more dimensions (the trailing ones flattened), 0 otherwise.
-int AsMatrixStack(int ndim, const int64_t *shape, int64_t out[3]) {
-  if (ndim < 2) return 0;
-  if (ndim == 2) {
-    out[0] = 1;
-    out[1] = shape[0];
-    out[2] = shape[1];
-    return 2;
-  }
-  out[0] = shape[0];
-  out[1] = shape[1];
-  out[2] = 1;
-  for (int d = 2; d < ndim; ++d) out[2] *= shape[d];
-  return 3;
-}
-
 // Reads the AOT parameters into a Problem; false for a wrong dtype or inconsistent shapes.
 bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                  bool trans_a, bool trans_b, Problem *p) {
@@ -580,9 +565,9 @@ bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, const 
   }
   // Each tensor as (batch, rows, columns): 2-D ones as (1, rows, columns), see the header.
   int64_t fa[3], fb[3], fc[3];
-  const int da = AsMatrixStack(ndims[0], shapes[0], fa);
-  const int db = AsMatrixStack(ndims[1], shapes[1], fb);
-  const int dc = AsMatrixStack(ndims[2], shapes[2], fc);
+  const int da = tensor_shape::AsMatrixStack(ndims[0], shapes[0], fa);
+  const int db = tensor_shape::AsMatrixStack(ndims[1], shapes[1], fb);
+  const int dc = tensor_shape::AsMatrixStack(ndims[2], shapes[2], fc);
   if (da == 0 || db == 0 || dc != std::max(da, db)) return false;
   const int64_t *sa = fa + 1, *sb = fb + 1, *sc = dc == 3 ? fc : fc + 1;
   const int64_t batch_a = fa[0], batch_b = fb[0];

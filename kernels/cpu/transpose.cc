@@ -8,7 +8,7 @@
 // 1.05 ms; NCHW (2, 64, 256, 256) to rows: 37 ms).
 //
 // Entry points (params: input, then output):
-//   SwapLastAxes (x (B, R, C)) -> y (B, C, R),      y[b][c][r] = x[b][r][c]
+//   SwapLastAxes (x (..., R, C)) -> y (..., C, R),   y[b][c][r] = x[b][r][c] for every leading b
 //   ToRowTable   (x (B, R, C...)) -> y (B * C + 1, R), y[b * C + c][r] = x[b][r][c], last row 0
 // ToRowTable is an unfold convolution's row table of NCHW images (x = (N, C, H, W), read as
 // (N, C, H*W): a reshaped view would be copied by MindSpore first): one row per pixel and a
@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "aot_entry.h"
+#include "shapes.h"
 #include "transpose_tiles.h"
 
 namespace {
@@ -37,9 +38,14 @@ void TransposeEach(const float *x, int64_t batch, int64_t rows, int64_t cols, fl
 
 int SwapLastAxesImpl(int nparam, void **params, int *ndims, int64_t **shapes,
                      const char **dtypes) {
-  if (!Float32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 3) return 1;
-  const int64_t batch = shapes[0][0], rows = shapes[0][1], cols = shapes[0][2];
-  if (shapes[1][0] != batch || shapes[1][1] != cols || shapes[1][2] != rows) return 1;
+  const int nd = ndims[0];
+  if (!Float32(nparam, dtypes) || nd < 2 || ndims[1] != nd) return 1;
+  const int64_t batch = tensor_shape::Product(shapes[0], 0, nd - 2);
+  const int64_t rows = shapes[0][nd - 2], cols = shapes[0][nd - 1];
+  for (int d = 0; d < nd - 2; ++d) {
+    if (shapes[1][d] != shapes[0][d]) return 1;
+  }
+  if (shapes[1][nd - 2] != cols || shapes[1][nd - 1] != rows) return 1;
   TransposeEach(static_cast<const float *>(params[0]), batch, rows, cols,
                 static_cast<float *>(params[1]));
   return 0;
@@ -47,10 +53,12 @@ int SwapLastAxesImpl(int nparam, void **params, int *ndims, int64_t **shapes,
 
 int ToRowTableImpl(int nparam, void **params, int *ndims, int64_t **shapes,
                    const char **dtypes) {
-  if (!Float32(nparam, dtypes) || ndims[0] < 3 || ndims[1] != 2) return 1;
-  const int64_t batch = shapes[0][0], rows = shapes[0][1];
-  int64_t cols = 1;
-  for (int d = 2; d < ndims[0]; ++d) cols *= shapes[0][d];
+  int64_t x[3];  // (N, C, H*W)
+  if (!Float32(nparam, dtypes) || tensor_shape::AsMatrixStack(ndims[0], shapes[0], x) != 3 ||
+      ndims[1] != 2) {
+    return 1;
+  }
+  const int64_t batch = x[0], rows = x[1], cols = x[2];
   if (shapes[1][0] != batch * cols + 1 || shapes[1][1] != rows) return 1;
   float *y = static_cast<float *>(params[1]);
   TransposeEach(static_cast<const float *>(params[0]), batch, rows, cols, y);

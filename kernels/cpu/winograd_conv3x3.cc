@@ -32,6 +32,8 @@
 #include <cstring>
 #include <vector>
 
+#include "aot_entry.h"
+
 namespace {
 
 constexpr int kOut = 4;                 // m: output tile side
@@ -406,22 +408,20 @@ int WeightTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
   return 0;
 }
 
+// Every tensor of these operators is float32; `F` then reads the shapes.
+template <int (*F)(int, void **, int *, int64_t **)>
+int Float32Only(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i) {
+    if (std::strcmp(dtypes[i], "float32") != 0) return 2;
+  }
+  return F(nparam, params, ndims, shapes);
+}
+
 }  // namespace
 
-#define WINOGRAD_ENTRY(NAME, FUNCTION)                                                      \
-  extern "C" int NAME(int nparam, void **params, int *ndims, int64_t **shapes,             \
-                      const char **dtypes, void *stream, void *extra) {                    \
-    (void)stream;                                                                          \
-    (void)extra;                                                                           \
-    for (int i = 0; i < nparam; ++i) {                                                     \
-      if (std::strcmp(dtypes[i], "float32") != 0) return 2;                                \
-    }                                                                                      \
-    return FUNCTION(nparam, params, ndims, shapes);                                         \
-  }
-
-WINOGRAD_ENTRY(WinogradF4Input, InputTransform)
-WINOGRAD_ENTRY(WinogradF4Output, OutputTransform)
-WINOGRAD_ENTRY(WinogradF4InputAdjoint, InputAdjoint)
-WINOGRAD_ENTRY(WinogradF4OutputAdjoint, OutputAdjoint)
-WINOGRAD_ENTRY(WinogradF4Weight, WeightTransform<false>)
-WINOGRAD_ENTRY(WinogradF4WeightAdjoint, WeightTransform<true>)
+AOT_ENTRY(WinogradF4Input, Float32Only<InputTransform>)
+AOT_ENTRY(WinogradF4Output, Float32Only<OutputTransform>)
+AOT_ENTRY(WinogradF4InputAdjoint, Float32Only<InputAdjoint>)
+AOT_ENTRY(WinogradF4OutputAdjoint, Float32Only<OutputAdjoint>)
+AOT_ENTRY(WinogradF4Weight, Float32Only<WeightTransform<false>>)
+AOT_ENTRY(WinogradF4WeightAdjoint, Float32Only<WeightTransform<true>>)

@@ -238,24 +238,25 @@ def _make_plan(groups: int, batch: int, height: int, width: int, channels_per_gr
 # --------------------------------------------------------------------------------------------
 # Layout helpers
 # --------------------------------------------------------------------------------------------
+# The layout kernels run inside the unfold functions' own forward and bprop only, so they need
+# no bprop of their own.
 @functools.lru_cache(maxsize=None)
 def _swap_last_axes_op() -> ops.Custom:
-    return aot_op("transpose", "SwapLastAxes", out_shape=lambda s: (s[0], s[2], s[1]),
-                  out_dtype=lambda d: d, bprop=lambda x, out, dout: (_swap_last_axes_op()(dout),))
+    return aot_op("transpose", "SwapLastAxes", out_shape=lambda s: tuple(s[:-2]) + (s[-1], s[-2]),
+                  out_dtype=lambda d: d)
 
 
 @functools.lru_cache(maxsize=None)
 def _row_table_op() -> ops.Custom:
-    # Used inside custom bprops only (the unfold functions), so it needs none of its own.
     return aot_op("transpose", "ToRowTable",
                   out_shape=lambda s: (s[0] * math.prod(s[2:]) + 1, s[1]), out_dtype=lambda d: d)
 
 
 def _swap_last_axes(x: Tensor, use_kernel: bool) -> Tensor:
-    """(B, R, C) -> (B, C, R). ``use_kernel``: the C++ blocked transpose of
+    """(..., R, C) -> (..., C, R). ``use_kernel``: the C++ blocked transpose of
     ``kernels/cpu/transpose.cc``, about 10x faster than MindSpore's strided copy, which the
     reshape after ``ops.transpose`` runs (measured: a 512x512x3x3 weight 11.4 ms)."""
-    return _swap_last_axes_op()(x) if use_kernel else ops.transpose(x, (0, 2, 1))
+    return _swap_last_axes_op()(x) if use_kernel else ops.swapaxes(x, -1, -2)
 
 
 def _to_row_table(x: Tensor, groups: int, use_kernel: bool = False) -> Tensor:
@@ -286,23 +287,19 @@ def _row_table_to_nchw(table: Tensor, groups: int, n: int, c: int, h: int, w: in
 
 def _weight_matrix(weight: Tensor, groups: int, taps: Tuple[int, int],
                    use_kernel: bool = False) -> Tensor:
-    """(O, Cg, kh, kw) -> (G, Og, tap_count*Cg), columns ordered (tap, channel)."""
+    """(O, Cg, kh, kw) -> (G, Og, tap_count, Cg), which the matmuls read as the weight matrix
+    (G, Og, tap_count*Cg) with columns ordered (tap, channel)."""
     o, cg, kh, kw = weight.shape
-    og = o // groups
-    wmat = _swap_last_axes(weight.reshape(o, cg, kh * kw), use_kernel)
-    wmat = wmat.reshape(groups, og, kh * kw, cg)
+    wmat = _swap_last_axes(weight.reshape(groups, o // groups, cg, kh * kw), use_kernel)
     if taps != (0, kh * kw):
         wmat = wmat[:, :, taps[0]:taps[0] + taps[1]]
-    return wmat.reshape(groups, og, taps[1] * cg)
+    return wmat
 
 
-def _weight_from_matrix(wmat: Tensor, groups: int, cg: int, kernel: Tuple[int, int],
+def _weight_from_matrix(wmat: Tensor, weight_shape: Tuple[int, ...],
                         use_kernel: bool = False) -> Tensor:
-    """Inverse of `_weight_matrix` over all taps: (G, Og, kh*kw*Cg) -> (O, Cg, kh, kw)."""
-    kh, kw = kernel
-    og = wmat.shape[1]
-    w3 = _swap_last_axes(wmat.reshape(groups * og, kh * kw, cg), use_kernel)
-    return w3.reshape(groups * og, cg, kh, kw)
+    """Inverse of `_weight_matrix` over all taps: (G, Og, kh*kw, Cg) -> (O, Cg, kh, kw)."""
+    return _swap_last_axes(wmat, use_kernel).reshape(weight_shape)
 
 
 def _reorder_rows(x: Tensor, permutation: Union[Tensor, None], shape: Tuple[int, ...]) -> Tensor:
@@ -380,12 +377,15 @@ class _UnfoldConvFunction(nn.Cell):
         pixels = plan.out_h * plan.out_w
         outputs = []
         table = None
+        wmats = {}              # one weight matrix per tap range, shared by the image chunks
         for i, chunk in enumerate(plan.chunks):
             if i == 0 or chunk.first != plan.chunks[i - 1].first:
                 table = _to_row_table(x[chunk.first:chunk.first + chunk.count], self.groups,
                                       self.use_kernel)
-            wmat = _weight_matrix(weight, self.groups, chunk.taps, self.use_kernel)
-            y = matmul(wmat, self._patches(table, chunk), transpose_b=True,
+            if chunk.taps not in wmats:
+                wmats[chunk.taps] = _weight_matrix(weight, self.groups, chunk.taps,
+                                                   self.use_kernel)
+            y = matmul(wmats[chunk.taps], self._patches(table, chunk), transpose_b=True,
                        impl=self.matmul_impl)                                      # (G,Og,nP)
             y = _group_major_to_output(y, chunk, pixels)                            # (n, O, P)
             if i > 0 and chunk.first == plan.chunks[i - 1].first:
@@ -402,6 +402,7 @@ class _UnfoldConvFunction(nn.Cell):
         pixels = plan.out_h * plan.out_w
         dout = dout.reshape(n, weight.shape[0], pixels)
         dweights = {}
+        wmats = {}
         dxs = []
         dtable = None
         table = None
@@ -411,14 +412,17 @@ class _UnfoldConvFunction(nn.Cell):
             new_images = i == 0 or first != plan.chunks[i - 1].first
             if new_images:
                 table = _to_row_table(x[first:first + count], self.groups, self.use_kernel)
-            wmat = _weight_matrix(weight, self.groups, chunk.taps, self.use_kernel)  # (G,Og,K)
             dy = _output_to_group_major(dout[first:first + count], chunk, self.groups)
             patches = self._patches(table, chunk)                        # (G, m, taps, Cg)
-            dw = matmul(dy, patches, impl=self.matmul_impl)                        # (G, Og, K)
+            dw = matmul(dy, patches, impl=self.matmul_impl)              # (G, Og, taps, Cg)
             dweights[chunk.taps] = dw if chunk.taps not in dweights else dweights[chunk.taps] + dw
             if not self.input_grad:
                 continue
-            dpatches = matmul(dy, wmat, transpose_a=True, impl=self.matmul_impl)   # (G, m, K)
+            if chunk.taps not in wmats:
+                wmats[chunk.taps] = _weight_matrix(weight, self.groups, chunk.taps,
+                                                   self.use_kernel)
+            dpatches = matmul(dy, wmats[chunk.taps], transpose_a=True,
+                              impl=self.matmul_impl)                     # (G, m, taps, Cg)
             part = ops.unsorted_segment_sum(dpatches.reshape(-1, cg), chunk.index.reshape(-1),
                                             table.shape[0])
             dtable = part if new_images else dtable + part
@@ -431,7 +435,7 @@ class _UnfoldConvFunction(nn.Cell):
             dx = ops.zeros_like(x)
         by_tap = [dweights[taps] for taps in sorted(dweights)]
         dwmat = by_tap[0] if len(by_tap) == 1 else ops.concat(by_tap, 2)
-        return dx, _weight_from_matrix(dwmat, self.groups, cg, self.kernel, self.use_kernel)
+        return dx, _weight_from_matrix(dwmat, weight.shape, self.use_kernel)
 
 
 class _PointwiseConvFunction(nn.Cell):
@@ -680,8 +684,6 @@ class _KernelDeconv2x2Function(nn.Cell):
     layout change (the row gather of `_Deconv2x2Function` copies 14-float rows for the mask
     head, 0.15-0.45 s per step measured). Backward: the exact adjoint of both steps.
     """
-
-    FACTOR = 2
 
     # NCHW tensors go to the kernels unreshaped (a reshaped view is copied first, gemm.py).
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
