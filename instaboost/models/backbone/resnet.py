@@ -17,7 +17,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from instaboost.models.layers.conv import build_conv2d, disable_input_grad
-from instaboost.models.layers.norm import build_norm
+from instaboost.models.layers.norm import build_norm, norm_impl_for
 
 # depth -> number of bottleneck blocks per stage
 ARCH_SETTINGS: Dict[int, Tuple[int, int, int, int]] = {
@@ -52,17 +52,18 @@ class Bottleneck(nn.Cell):
         width = int(planes * (base_width / BASE_WIDTH_REFERENCE)) * groups
         out_planes = planes * self.expansion
 
-        def norm_layer(channels: int) -> nn.Cell:
-            return build_norm(norm, channels, norm_eval=norm_eval, frozen=frozen)
+        def norm_layer(channels: int, activation: str = "none") -> nn.Cell:
+            return build_norm(norm, channels, norm_eval=norm_eval, frozen=frozen,
+                              activation=activation, impl=norm_impl_for(conv_impl))
 
         self.conv1 = build_conv2d(inplanes, width, 1, impl=conv_impl)
-        self.bn1 = norm_layer(width)
+        self.bn1 = norm_layer(width, "relu")
         self.conv2 = build_conv2d(width, width, 3, stride=stride, padding=1, groups=groups,
                                   impl=conv_impl)
-        self.bn2 = norm_layer(width)
+        self.bn2 = norm_layer(width, "relu")
         self.conv3 = build_conv2d(width, out_planes, 1, impl=conv_impl)
-        self.bn3 = norm_layer(out_planes)
-        self.relu = nn.ReLU()
+        # relu(bn3(conv3(.)) + identity) in one cell: fused on the norm kernels.
+        self.bn3 = norm_layer(out_planes, "add_relu")
         if stride != 1 or inplanes != out_planes:
             self.downsample = nn.SequentialCell([
                 build_conv2d(inplanes, out_planes, 1, stride=stride, impl=conv_impl),
@@ -73,10 +74,9 @@ class Bottleneck(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.bn1(self.conv1(x))                   # BN + ReLU
+        out = self.bn2(self.conv2(out))                 # BN + ReLU
+        return self.bn3(self.conv3(out), identity)      # ReLU(BN + identity)
 
 
 class ResNet(nn.Cell):
@@ -113,8 +113,8 @@ class ResNet(nn.Cell):
                                                      stride=STEM_STRIDE, padding=STEM_PADDING,
                                                      impl=conv_impl))
         self.bn1 = build_norm(norm, STEM_CHANNELS, norm_eval=norm_eval,
-                              frozen=frozen_stages >= 0)
-        self.relu = nn.ReLU()
+                              frozen=frozen_stages >= 0, activation="relu",
+                              impl=norm_impl_for(conv_impl))
         self.maxpool = nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE, pad_mode="pad", padding=POOL_PADDING)
         inplanes = STEM_CHANNELS
         stages: List[nn.SequentialCell] = []
@@ -146,7 +146,7 @@ class ResNet(nn.Cell):
                 param.requires_grad = False
 
     def construct(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.bn1(self.conv1(x)))      # BN + ReLU
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)

@@ -1,0 +1,235 @@
+// Training-mode batch normalization over (N, C, spatial...) float32 tensors, optionally fused
+// with a residual add and a ReLU, and its exact backward, as MindSpore AOT custom operators.
+//
+// Why: a ResNet-50's 53 batch norms at 512², batch 2 normalise about 0.5 GB of activations per
+// step, and MindSpore's CPU BatchNorm, BatchNormGrad, ReLU, ReluGrad and add kernels each make
+// their own passes over memory: the backbone's norms cost about 0.8 s of a 4.6 s step
+// (measured by replacing them with the identity). Here each channel's values (N planes of
+// H*W, 128 KB per map at 128², batch 2) are processed while they sit in the core's L2 cache:
+// the forward reads x from memory once and writes y once; the backward reads x, dy (and y)
+// once and writes dx (and the residual gradient) once.
+//
+// Entry points (params: inputs, then outputs; x, y, dy, dx: (N, C, ...); per channel: (C,)):
+//   BatchNormTrain        (x, gamma, beta, eps (1,))           -> y, mean, var
+//   BatchNormReluTrain    (x, gamma, beta, eps)                -> y = max(bn(x), 0), mean, var
+//   BatchNormAddReluTrain (x, residual, gamma, beta, eps)      -> y = max(bn(x) + residual, 0),
+//                                                                 mean, var
+//   BatchNormTrainGrad        (x, dy, mean, var, gamma, eps)   -> dx, dgamma, dbeta
+//   BatchNormReluTrainGrad    (x, dy, y, mean, var, gamma, eps) -> dx, dgamma, dbeta
+//   BatchNormAddReluTrainGrad (x, dy, y, mean, var, gamma, eps) -> dx, dresidual, dgamma, dbeta
+// bn(x) = (x - mean) / sqrt(var + eps) * gamma + beta with the batch's mean and biased variance
+// over N and the spatial axes (what MindSpore's BatchNorm uses in training; the caller updates
+// the running statistics, with the unbiased variance). The ReLU's gradient passes where y > 0.
+// Sums are accumulated in float over blocks of kSumBlock values (vectorised) and in double
+// across blocks; the variance is the mean squared deviation from the mean (two passes, not
+// E[x²] - mean²).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "aot_entry.h"
+#include "shapes.h"
+
+namespace {
+
+enum class Epilogue { kNone, kRelu, kAddRelu };
+
+// Values per float partial sum: a double accumulator per value keeps the loop scalar (measured
+// 4x slower than the memory traffic); float partials of 1024 values lose < 1e-6 relative.
+constexpr int64_t kSumBlock = 1024;
+
+// A (N, C, spatial...) tensor's layout: channel c of image n starts at (n * C + c) * plane.
+struct Layout {
+  int64_t images, channels, plane;
+  int64_t Offset(int64_t n, int64_t c) const { return (n * channels + c) * plane; }
+  int64_t PerChannel() const { return images * plane; }
+};
+
+bool ReadLayout(int ndim, const int64_t *shape, Layout *layout) {
+  if (ndim < 2) return false;
+  layout->images = shape[0];
+  layout->channels = shape[1];
+  layout->plane = tensor_shape::Product(shape, 2, ndim);
+  return true;
+}
+
+bool AllFloat32(int count, const char **dtypes) {
+  for (int i = 0; i < count; ++i) {
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  }
+  return true;
+}
+
+float InverseStd(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
+
+// max(v, 0) that keeps a NaN (a diverging step must reach the gradient check) and inlines
+// (std::fmax is a libm call under strict floating-point semantics).
+inline float Relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+template <Epilogue E>
+int ForwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const bool add = E == Epilogue::kAddRelu;
+  const int inputs = add ? 5 : 4;
+  if (nparam != inputs + 3 || !AllFloat32(nparam, dtypes)) return 1;
+  Layout layout;
+  if (!ReadLayout(ndims[0], shapes[0], &layout)) return 1;
+  int p = 0;
+  const float *x = static_cast<const float *>(params[p++]);
+  const float *residual = add ? static_cast<const float *>(params[p++]) : nullptr;
+  const float *gamma = static_cast<const float *>(params[p++]);
+  const float *beta = static_cast<const float *>(params[p++]);
+  const float eps = static_cast<const float *>(params[p++])[0];
+  float *y = static_cast<float *>(params[p++]);
+  float *mean_out = static_cast<float *>(params[p++]);
+  float *var_out = static_cast<float *>(params[p++]);
+  const int64_t count = layout.PerChannel();
+  if (count == 0) return 1;
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < layout.channels; ++c) {
+    double sum = 0.0;
+    for (int64_t n = 0; n < layout.images; ++n) {
+      const float *xs = x + layout.Offset(n, c);
+      for (int64_t start = 0; start < layout.plane; start += kSumBlock) {
+        const int64_t end = std::min(layout.plane, start + kSumBlock);
+        float partial = 0.0f;
+#pragma omp simd reduction(+ : partial)
+        for (int64_t i = start; i < end; ++i) partial += xs[i];
+        sum += partial;
+      }
+    }
+    const float mean = static_cast<float>(sum / count);
+    double squares = 0.0;
+    for (int64_t n = 0; n < layout.images; ++n) {
+      const float *xs = x + layout.Offset(n, c);
+      for (int64_t start = 0; start < layout.plane; start += kSumBlock) {
+        const int64_t end = std::min(layout.plane, start + kSumBlock);
+        float partial = 0.0f;
+#pragma omp simd reduction(+ : partial)
+        for (int64_t i = start; i < end; ++i) {
+          const float d = xs[i] - mean;
+          partial += d * d;
+        }
+        squares += partial;
+      }
+    }
+    const float var = static_cast<float>(squares / count);
+    const float scale = gamma[c] * InverseStd(var, eps);
+    const float shift = beta[c];
+    for (int64_t n = 0; n < layout.images; ++n) {
+      const int64_t offset = layout.Offset(n, c);
+      const float *xs = x + offset;
+      float *ys = y + offset;
+      if (E == Epilogue::kNone) {
+#pragma omp simd
+        for (int64_t i = 0; i < layout.plane; ++i) ys[i] = (xs[i] - mean) * scale + shift;
+      } else if (E == Epilogue::kRelu) {
+#pragma omp simd
+        for (int64_t i = 0; i < layout.plane; ++i) {
+          ys[i] = Relu((xs[i] - mean) * scale + shift);
+        }
+      } else {
+        const float *rs = residual + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < layout.plane; ++i) {
+          ys[i] = Relu((xs[i] - mean) * scale + shift + rs[i]);
+        }
+      }
+    }
+    mean_out[c] = mean;
+    var_out[c] = var;
+  }
+  return 0;
+}
+
+// With g = dy (times the ReLU's mask y > 0), xc = x - mean, s = 1 / sqrt(var + eps):
+//   dbeta = sum g, dgamma = s * sum g * xc,
+//   dx = gamma * s * (g - dbeta / M - xc * s * dgamma / M)   (M values per channel).
+template <Epilogue E>
+int BackwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const bool masked = E != Epilogue::kNone;
+  const bool add = E == Epilogue::kAddRelu;
+  const int inputs = masked ? 7 : 6;
+  if (nparam != inputs + (add ? 4 : 3) || !AllFloat32(nparam, dtypes)) return 1;
+  Layout layout;
+  if (!ReadLayout(ndims[0], shapes[0], &layout)) return 1;
+  int p = 0;
+  const float *x = static_cast<const float *>(params[p++]);
+  const float *dy = static_cast<const float *>(params[p++]);
+  const float *y = masked ? static_cast<const float *>(params[p++]) : nullptr;
+  const float *mean = static_cast<const float *>(params[p++]);
+  const float *var = static_cast<const float *>(params[p++]);
+  const float *gamma = static_cast<const float *>(params[p++]);
+  const float eps = static_cast<const float *>(params[p++])[0];
+  float *dx = static_cast<float *>(params[p++]);
+  // The masked gradient g: the residual's gradient with the add, else written into dx first.
+  float *g_out = add ? static_cast<float *>(params[p++]) : dx;
+  float *dgamma = static_cast<float *>(params[p++]);
+  float *dbeta = static_cast<float *>(params[p++]);
+  const int64_t count = layout.PerChannel();
+  if (count == 0) return 1;
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < layout.channels; ++c) {
+    const float m = mean[c];
+    double sum_g = 0.0, sum_gx = 0.0;
+    for (int64_t n = 0; n < layout.images; ++n) {
+      const int64_t offset = layout.Offset(n, c);
+      const float *xs = x + offset;
+      const float *dys = dy + offset;
+      const float *ys = masked ? y + offset : nullptr;
+      float *gs = masked ? g_out + offset : nullptr;
+      for (int64_t start = 0; start < layout.plane; start += kSumBlock) {
+        const int64_t end = std::min(layout.plane, start + kSumBlock);
+        float partial_g = 0.0f, partial_gx = 0.0f;
+        if (masked) {
+#pragma omp simd reduction(+ : partial_g, partial_gx)
+          for (int64_t i = start; i < end; ++i) {
+            const float g = ys[i] > 0.0f ? dys[i] : 0.0f;
+            gs[i] = g;
+            partial_g += g;
+            partial_gx += g * (xs[i] - m);
+          }
+        } else {
+#pragma omp simd reduction(+ : partial_g, partial_gx)
+          for (int64_t i = start; i < end; ++i) {
+            partial_g += dys[i];
+            partial_gx += dys[i] * (xs[i] - m);
+          }
+        }
+        sum_g += partial_g;
+        sum_gx += partial_gx;
+      }
+    }
+    const float s = InverseStd(var[c], eps);
+    const float beta_grad = static_cast<float>(sum_g);
+    const float gamma_grad = static_cast<float>(sum_gx) * s;
+    const float scale = gamma[c] * s;
+    const float mean_g = beta_grad / count;
+    const float slope = s * gamma_grad / count;
+    for (int64_t n = 0; n < layout.images; ++n) {
+      const int64_t offset = layout.Offset(n, c);
+      const float *xs = x + offset;
+      // Masked: g was stored above (in dx itself, or in the residual gradient).
+      const float *gs = masked ? g_out + offset : dy + offset;
+      float *dxs = dx + offset;
+#pragma omp simd
+      for (int64_t i = 0; i < layout.plane; ++i) {
+        dxs[i] = scale * (gs[i] - mean_g - (xs[i] - m) * slope);
+      }
+    }
+    dgamma[c] = gamma_grad;
+    dbeta[c] = beta_grad;
+  }
+  return 0;
+}
+
+}  // namespace
+
+AOT_ENTRY(BatchNormTrain, ForwardImpl<Epilogue::kNone>)
+AOT_ENTRY(BatchNormReluTrain, ForwardImpl<Epilogue::kRelu>)
+AOT_ENTRY(BatchNormAddReluTrain, ForwardImpl<Epilogue::kAddRelu>)
+AOT_ENTRY(BatchNormTrainGrad, BackwardImpl<Epilogue::kNone>)
+AOT_ENTRY(BatchNormReluTrainGrad, BackwardImpl<Epilogue::kRelu>)
+AOT_ENTRY(BatchNormAddReluTrainGrad, BackwardImpl<Epilogue::kAddRelu>)
