@@ -15,7 +15,8 @@
 // the tile to C (writes it for the first K block), with masked stores at the edges. Built for
 // a CPU without AVX-512, the same blocking runs a plain C++ micro-kernel (auto-vectorised).
 // Threads (OpenMP) run whole batch items when the batch splits evenly between them; otherwise
-// they work on one item at a time together (see GemmItem).
+// they work on one item at a time together (see GemmItem), or, for a single item with a small
+// output and a deep K, each on its own range of K (see GemmSplitK).
 //
 // Entry points (params: A, B, then C), named after the transpositions op(A), op(B):
 //   MatMulNN (A (.., M, K), B (.., K, N)) -> C (.., M, N)
@@ -36,6 +37,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "shapes.h"
 
@@ -46,6 +48,9 @@ constexpr int kNR = 32;    // columns of the register tile (two 16-lane vectors)
 constexpr int kMC = 144;   // rows of a packed A block (in L2)
 constexpr int kNC = 3072;  // columns of a packed B panel
 constexpr int kAlign = 64;
+// Split-K limits: outputs of at most this many floats, at least this much K per thread.
+constexpr int64_t kSplitKMaxOutput = 64 * 1024;
+constexpr int64_t kSplitKMinDepthPerThread = 4096;
 
 // float32 -> bfloat16 (upper 16 bits), rounded to nearest even; NaN stays NaN.
 inline uint32_t Bf16Bits(float x) {
@@ -400,6 +405,7 @@ struct Problem {
   int64_t batch, m, n, k;
   bool trans_a, trans_b;
   const float *a, *b;
+  int64_t lda, ldb;            // floats between rows of A and of B as stored
   int64_t stride_a, stride_b;  // floats between batch items (0: shared 2-D operand)
   float *c;
 };
@@ -477,7 +483,7 @@ typename F::Packed *PackBuffer(int which, int64_t columns) {
 template <class F>
 void GemmItem(const Problem &p, const Blocking &blk, int64_t item, bool shared,
               typename F::Packed *a_pack, typename F::Packed *b_pack) {
-  const int64_t lda = p.trans_a ? p.m : p.k, ldb = p.trans_b ? p.k : p.n;
+  const int64_t lda = p.lda, ldb = p.ldb;
   const int threads = shared ? omp_get_num_threads() : 1;
   const int thread = shared ? omp_get_thread_num() : 0;
   const float *a = p.a + item * p.stride_a, *b = p.b + item * p.stride_b;
@@ -522,6 +528,43 @@ void GemmItem(const Problem &p, const Blocking &blk, int64_t item, bool shared,
   }
 }
 
+// One item, each thread multiplying its own range of K into its own C, summed at the end. For a
+// small output from a deep K (the 7x7 stem's weight gradient: 64 x 147 over 65,536 pixels) the
+// shared scheme's two barriers per K block cost more than the products (46 GFLOP/s measured).
+template <class F>
+void GemmSplitK(const Problem &p, int max_threads) {
+  const int64_t size = p.m * p.n;
+  std::vector<float> partials(static_cast<size_t>(size) * (max_threads - 1));
+#pragma omp parallel num_threads(max_threads)
+  {
+    const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+    // K ranges in whole blocks of the format, so that every thread's blocks stay full.
+    const int64_t blocks = (p.k + F::kKC - 1) / F::kKC;
+    const int64_t k0 = std::min(p.k, thread * blocks / threads * F::kKC);
+    const int64_t k1 = std::min(p.k, (thread + 1) * blocks / threads * F::kKC);
+    float *c = thread == 0 ? p.c : partials.data() + (thread - 1) * size;
+    if (k1 > k0) {
+      Problem part = p;
+      part.k = k1 - k0;
+      part.a = p.trans_a ? p.a + k0 * p.lda : p.a + k0;
+      part.b = p.trans_b ? p.b + k0 : p.b + k0 * p.ldb;
+      part.c = c;
+      typename F::Packed *a_pack = PackBuffer<F>(kBufferA, kMC);
+      typename F::Packed *b_pack = PackBuffer<F>(kBufferB, Blocking(part, F::kKC).panel_cols);
+      GemmItem<F>(part, Blocking(part, F::kKC), 0, false, a_pack, b_pack);
+    } else {
+      std::memset(c, 0, sizeof(float) * size);
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < size; ++i) {
+      float sum = p.c[i];
+      for (int t = 1; t < threads; ++t) sum += partials[(t - 1) * size + i];
+      p.c[i] = sum;
+    }
+  }
+}
+
 template <class F>
 void Gemm(const Problem &p) {
   if (p.k == 0) {
@@ -530,6 +573,11 @@ void Gemm(const Problem &p) {
   }
   const Blocking blk(p, F::kKC);
   const int threads = omp_get_max_threads();
+  if (p.batch == 1 && threads > 1 && p.m * p.n <= kSplitKMaxOutput &&
+      p.k >= kSplitKMinDepthPerThread * threads) {
+    GemmSplitK<F>(p, threads);
+    return;
+  }
   // Batch items split evenly between the threads: each thread runs whole items, with no
   // barrier at all (the shared scheme synchronises twice per K block; with many small items,
   // e.g. the mask head's RoIs, threads spent a quarter of the step waiting there).
@@ -584,6 +632,8 @@ bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, const 
   p->a = static_cast<const float *>(params[0]);
   p->b = static_cast<const float *>(params[1]);
   p->c = static_cast<float *>(params[2]);
+  p->lda = trans_a ? p->m : p->k;
+  p->ldb = trans_b ? p->k : p->n;
   p->stride_a = da == 3 ? sa[0] * sa[1] : 0;
   p->stride_b = db == 3 ? sb[0] * sb[1] : 0;
   return true;

@@ -35,7 +35,8 @@ def _reference(a, b, transpose_a, transpose_b):
 
 # (a shape, b shape, transpose_a, transpose_b): M, N off the 12 x 32 register tile; K over one
 # 192 block (uneven split); M over one 144 block; N narrow (rows split) and wide (slivers split);
-# 2-D operands shared by every batch item of a 3-D one.
+# 2-D operands shared by every batch item of a 3-D one; one item with a small output and a
+# deep K, split over K between the threads (K 9001: uneven blocks, a partial last one).
 CASES = [
     pytest.param((5, 7), (7, 9), False, False, id="tiny"),
     pytest.param((37, 450), (450, 45), False, False, id="k-blocks"),
@@ -46,6 +47,9 @@ CASES = [
     pytest.param((13, 20), (4, 20, 70), False, False, id="shared-a"),
     pytest.param((4, 13, 20), (70, 20), False, True, id="shared-b-nt"),
     pytest.param((20, 13), (4, 20, 70), True, False, id="shared-a-tn"),
+    pytest.param((1, 64, 9001), (1, 9001, 147), False, False, id="split-k-nn"),
+    pytest.param((64, 9001), (147, 9001), False, True, id="split-k-nt"),
+    pytest.param((9001, 13), (9001, 70), True, False, id="split-k-tn"),
 ]
 
 
@@ -103,8 +107,8 @@ def test_portable_build_without_avx512_matches_numpy():
 
 
 # Odd K (half a bfloat16 pair at the end), K over the 384 bfloat16 block, every transposition,
-# shared and batched operands.
-BF16_CASES = [CASES[0], CASES[1], CASES[3], CASES[4], CASES[7], CASES[8],
+# shared and batched operands, split K.
+BF16_CASES = [CASES[0], CASES[1], CASES[3], CASES[4], CASES[7], CASES[8], *CASES[9:12],
               pytest.param((3, 40, 801), (3, 801, 50), False, False, id="batched-k-blocks")]
 
 

@@ -31,7 +31,8 @@ concatenation of contiguous blocks; and around what is slow there: materialising
 * Work is split into chunks (several small images, one image, or one image and a subset of the
   kernel taps) so that one patch matrix stays below ``PATCH_CHUNK_BYTES``.
 * 1x1 convolutions skip the gather: ``Y = W · X`` on the NCHW tensor (small images batched with
-  row-gather re-ordering); stride 2 first subsamples with ``ops.strided_slice``.
+  row-gather re-ordering); stride 2 first subsamples with ``ops.strided_slice`` (with
+  ``matmul_impl="kernel"``: the C++ subsampling kernel of ``kernels/cpu/subpixel.cc``).
 * The 2x2 stride-2 deconvolution is one matmul to all four sub-pixel maps, one row gather and a
   0/1 interleave matmul (no 6-D transpose), with an exact adjoint as backward.
 * ``matmul_impl="kernel"`` (what ``impl="winograd"`` builds) runs every product on the C++
@@ -98,15 +99,33 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def subsample(x: Tensor, stride: Tuple[int, int]) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _subsample_op() -> ops.Custom:
+    """Differentiable AOT op ``x[:, :, ::2, ::2]`` of ``kernels/cpu/subpixel.cc``."""
+    adjoint = aot_op("subpixel", "Subsample2x2Adjoint", out_shape=lambda x, _: tuple(x),
+                     out_dtype=lambda x, _: x)
+
+    def bprop(x, out, dout):
+        return (adjoint(x, dout),)
+
+    return aot_op("subpixel", "Subsample2x2",
+                  out_shape=lambda x: (x[0], x[1], (x[2] + 1) // 2, (x[3] + 1) // 2),
+                  out_dtype=lambda d: d, bprop=bprop)
+
+
+def subsample(x: Tensor, stride: Tuple[int, int], use_kernel: bool = False) -> Tensor:
     """x[:, :, ::sh, ::sw] for NCHW x, differentiable on CPU.
 
-    Uses the ``StridedSlice`` primitive: in MindSpore 2.10 the gradient of a stepped slice *view*
+    ``use_kernel`` (stride 2 only): the C++ kernel, one pass over memory each way. Otherwise the
+    ``StridedSlice`` primitive: in MindSpore 2.10 the gradient of a stepped slice *view*
     (``x[:, :, ::2, ::2]``) fails on CPU, and ``max_pool2d(kernel 1, stride 2)`` has a
-    pathologically slow backward (tens of seconds for a 32 MB map).
+    pathologically slow backward (tens of seconds for a 32 MB map); StridedSlice itself copies
+    element by element (11.5 ms forward, ~25 ms backward for a (2, 256, 128, 128) map).
     """
     if tuple(stride) == (1, 1):
         return x
+    if use_kernel and tuple(stride) == (2, 2):
+        return _subsample_op()(x)
     return ops.strided_slice(x, (0, 0, 0, 0), tuple(x.shape), (1, 1) + tuple(stride))
 
 
@@ -575,7 +594,7 @@ class UnfoldConv2d(nn.Cell):
     def convolve(self, x: Tensor) -> Tensor:
         """The convolution without bias."""
         if self.pointwise:
-            x = subsample(x, self.stride)
+            x = subsample(x, self.stride, use_kernel=self.matmul_impl == "kernel")
             if (self.shared_weight is not None
                     and x.shape[2] * x.shape[3] >= MIN_SHARED_WEIGHT_PIXELS):
                 return self.shared_weight(x, self.weight)
