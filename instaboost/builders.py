@@ -14,6 +14,7 @@ from instaboost.models.backbone.resnet import ResNet
 from instaboost.models.bbox_head import Shared2FCBBoxHead
 from instaboost.models.box_coder import DeltaXYWHBoxCoder
 from instaboost.models.detector import MaskRCNN
+from instaboost.models.layers.native_kernels import layer_impl_for, uses_cpu_kernels
 from instaboost.models.mask_head import FCNMaskHead
 from instaboost.models.necks.fpn import FPN
 from instaboost.models.roi_extractor import RoIExtractor
@@ -31,12 +32,6 @@ RCNN_SAMPLER_SEED_OFFSET = 1000
 # checks its gradients with one kernel call (engine/finite.py).
 DEFAULT_ROI_ALIGN_IMPL = "gather"
 ROI_ALIGN_IMPL_WITH_CPU_KERNELS = "kernel"
-CONV_IMPL_WITH_CPU_KERNELS = "winograd"
-
-
-def uses_cpu_kernels(conv_impl: str) -> bool:
-    """Whether a run with this hardware.conv_impl uses the C++ CPU kernels of ``kernels/``."""
-    return conv_impl == CONV_IMPL_WITH_CPU_KERNELS
 
 
 def _proposal_cfg(section: Mapping[str, Any]) -> ProposalConfig:
@@ -143,7 +138,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
                                   reg_class_agnostic=bool(bbox_cfg["reg_class_agnostic"]),
                                   loss_cls_weight=float(bbox_cfg["loss_cls_weight"]),
                                   loss_bbox_weight=float(bbox_cfg["loss_bbox_weight"]),
-                                  dense_impl="kernel" if uses_cpu_kernels(conv_impl) else "mindspore")
+                                  dense_impl=layer_impl_for(conv_impl))
     mask_head = FCNMaskHead(in_channels=fpn_channels, num_convs=int(mask_cfg["num_convs"]),
                             conv_out_channels=int(mask_cfg["conv_out_channels"]),
                             roi_feat_size=int(mask_cfg["roi_feat_size"]),

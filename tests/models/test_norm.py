@@ -7,7 +7,8 @@ from mindspore import Tensor
 
 from instaboost.models.backbone import ResNet
 from instaboost.models.backbone.resnet import Bottleneck
-from instaboost.models.layers.norm import BatchNormAct2d, build_norm, norm_impl_for
+from instaboost.models.layers.native_kernels import layer_impl_for
+from instaboost.models.layers.norm import BatchNormAct2d, build_norm
 
 # (2, 5, 7, 9): odd sizes; (1, 3, 40, 40): 1600 values per plane, across the kernel's 1024-value
 # partial sums; (3, 4, 1, 1): three values per channel.
@@ -81,7 +82,7 @@ def test_eval_mode_and_fixed_statistics_run_on_mindspore():
     assert build_norm("bn", 4, norm_eval=True, impl="kernel").impl == "mindspore"
     assert build_norm("frozen_bn", 4, impl="kernel").impl == "mindspore"
     assert build_norm("bn", 4, frozen=True, impl="kernel").impl == "mindspore"
-    assert norm_impl_for("winograd") == "kernel" and norm_impl_for("unfold") == "mindspore"
+    assert layer_impl_for("winograd") == "kernel" and layer_impl_for("unfold") == "mindspore"
 
 
 def test_a_nan_input_is_not_hidden_by_the_relu():

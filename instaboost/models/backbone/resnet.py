@@ -17,7 +17,9 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from instaboost.models.layers.conv import build_conv2d, disable_input_grad
-from instaboost.models.layers.norm import build_norm, norm_impl_for
+from instaboost.models.layers.native_kernels import layer_impl_for
+from instaboost.models.layers.norm import build_norm
+from instaboost.models.layers.pool import build_stem_max_pool
 
 # depth -> number of bottleneck blocks per stage
 ARCH_SETTINGS: Dict[int, Tuple[int, int, int, int]] = {
@@ -29,9 +31,6 @@ STEM_CHANNELS = 64
 STEM_KERNEL = 7
 STEM_STRIDE = 2
 STEM_PADDING = 3
-POOL_KERNEL = 3
-POOL_STRIDE = 2
-POOL_PADDING = 1
 STAGE_PLANES = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_EXPANSION = 4
@@ -54,7 +53,7 @@ class Bottleneck(nn.Cell):
 
         def norm_layer(channels: int, activation: str = "none") -> nn.Cell:
             return build_norm(norm, channels, norm_eval=norm_eval, frozen=frozen,
-                              activation=activation, impl=norm_impl_for(conv_impl))
+                              activation=activation, impl=layer_impl_for(conv_impl))
 
         self.conv1 = build_conv2d(inplanes, width, 1, impl=conv_impl)
         self.bn1 = norm_layer(width, "relu")
@@ -114,8 +113,8 @@ class ResNet(nn.Cell):
                                                      impl=conv_impl))
         self.bn1 = build_norm(norm, STEM_CHANNELS, norm_eval=norm_eval,
                               frozen=frozen_stages >= 0, activation="relu",
-                              impl=norm_impl_for(conv_impl))
-        self.maxpool = nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE, pad_mode="pad", padding=POOL_PADDING)
+                              impl=layer_impl_for(conv_impl))
+        self.maxpool = build_stem_max_pool(layer_impl_for(conv_impl))
         inplanes = STEM_CHANNELS
         stages: List[nn.SequentialCell] = []
         for index, (blocks, planes, stride) in enumerate(

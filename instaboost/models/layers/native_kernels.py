@@ -21,9 +21,23 @@ from typing import Callable, Optional, Tuple
 
 from mindspore import ops
 
+# The hardware.conv_impl that brings the C++ kernels: with it the other layers that have a
+# kernel implementation (norms, the stem's pooling, RoIAlign, the box head's FCs, the gradient
+# check) use theirs too.
+CONV_IMPL_WITH_CPU_KERNELS = "winograd"
 KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
 BUILD_DIR = KERNELS_DIR / "build"
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-Wall")
+
+
+def uses_cpu_kernels(conv_impl: str) -> bool:
+    """Whether a run with this hardware.conv_impl uses the C++ CPU kernels of ``kernels/``."""
+    return conv_impl == CONV_IMPL_WITH_CPU_KERNELS
+
+
+def layer_impl_for(conv_impl: str) -> str:
+    """The ``impl`` of a layer with a kernel implementation: "kernel" or "mindspore"."""
+    return "kernel" if uses_cpu_kernels(conv_impl) else "mindspore"
 
 
 class KernelBuildError(RuntimeError):

@@ -163,12 +163,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return f"{super().extend_repr()}, activation={self.activation}, impl={self.impl}"
 
 
-def norm_impl_for(conv_impl: str) -> str:
-    """The norm implementation that goes with a convolution implementation: the C++ kernels
-    with ``conv_impl="winograd"`` (which builds the other C++ kernels too), else MindSpore's."""
-    return "kernel" if conv_impl == "winograd" else "mindspore"
-
-
 def build_norm(kind: str, num_features: int, *, norm_eval: bool = False,
                frozen: bool = False, activation: str = "none",
                impl: str = "mindspore") -> BatchNormAct2d:
