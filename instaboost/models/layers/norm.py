@@ -52,23 +52,23 @@ def _kernel_ops(activation: str) -> Tuple[ops.Custom, ops.Custom]:
     add = activation == "add_relu"
 
     def forward_shapes(x, *_):
-        return (tuple(x), (x[1],), (x[1],))
+        per_channel = (x[1],)
+        return (tuple(x),) + (per_channel,) * 4          # y, mean, var, new running mean / var
 
     def backward_shapes(x, *_):
         per_channel = (x[1],)
         return ((tuple(x), tuple(x)) if add else (tuple(x),)) + (per_channel, per_channel)
 
-    forward_count = 3
     backward_count = 4 if add else 3
-    return (aot_op(_LIBRARY, forward, forward_shapes,
-                   lambda *_: (ms.float32,) * forward_count),
+    return (aot_op(_LIBRARY, forward, forward_shapes, lambda *_: (ms.float32,) * 5),
             aot_op(_LIBRARY, backward, backward_shapes,
                    lambda *_: (ms.float32,) * backward_count))
 
 
 class _BatchNormFunction(nn.Cell):
-    """(x, gamma, beta, eps) -> (y, mean, var), y = act(bn(x)) with the batch's statistics;
-    the backward is the kernel's (mean and var get no gradient: they only feed the running
+    """(x, gamma, beta, running_mean, running_var, settings) -> (y, mean, var, new running mean,
+    new running var), y = act(bn(x)) with the batch's statistics, settings = (eps, momentum);
+    the backward is the kernel's (the statistics get no gradient: they only feed the running
     statistics)."""
 
     def __init__(self, activation: str):
@@ -76,33 +76,39 @@ class _BatchNormFunction(nn.Cell):
         self.relu = activation == "relu"
         self.forward, self.backward = _kernel_ops(activation)
 
-    def construct(self, x: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor):
-        return self.forward(x, gamma, beta, eps)
+    def construct(self, x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor,
+                  running_var: Tensor, settings: Tensor):
+        return self.forward(x, gamma, beta, running_mean, running_var, settings)
 
-    def bprop(self, x: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor, out, dout):
-        y, mean, var = out
+    def bprop(self, x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor,
+              running_var: Tensor, settings: Tensor, out, dout):
+        y, mean, var = out[0], out[1], out[2]
         if self.relu:
-            dx, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, eps)
+            dx, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, settings)
         else:
-            dx, dgamma, dbeta = self.backward(x, dout[0], mean, var, gamma, eps)
-        return dx, dgamma, dbeta, ops.zeros_like(eps)
+            dx, dgamma, dbeta = self.backward(x, dout[0], mean, var, gamma, settings)
+        return (dx, dgamma, dbeta, ops.zeros_like(running_mean), ops.zeros_like(running_var),
+                ops.zeros_like(settings))
 
 
 class _BatchNormAddReluFunction(nn.Cell):
-    """(x, residual, gamma, beta, eps) -> (y, mean, var), y = relu(bn(x) + residual)."""
+    """(x, residual, gamma, beta, running_mean, running_var, settings) -> as `_BatchNormFunction`
+    with y = relu(bn(x) + residual)."""
 
     def __init__(self):
         super().__init__()
         self.forward, self.backward = _kernel_ops("add_relu")
 
-    def construct(self, x: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor):
-        return self.forward(x, residual, gamma, beta, eps)
+    def construct(self, x: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor,
+                  running_mean: Tensor, running_var: Tensor, settings: Tensor):
+        return self.forward(x, residual, gamma, beta, running_mean, running_var, settings)
 
-    def bprop(self, x: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor, eps: Tensor, out,
-              dout):
-        y, mean, var = out
-        dx, dresidual, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, eps)
-        return dx, dresidual, dgamma, dbeta, ops.zeros_like(eps)
+    def bprop(self, x: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor,
+              running_mean: Tensor, running_var: Tensor, settings: Tensor, out, dout):
+        y, mean, var = out[0], out[1], out[2]
+        dx, dresidual, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, settings)
+        return (dx, dresidual, dgamma, dbeta, ops.zeros_like(running_mean),
+                ops.zeros_like(running_var), ops.zeros_like(settings))
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -127,7 +133,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if impl == "kernel":
             self.function = (_BatchNormAddReluFunction() if activation == "add_relu"
                              else _BatchNormFunction(activation))
-            self.eps_tensor = Tensor([self.eps], ms.float32)
+            # The kernels' settings: (eps, momentum) with MindSpore's momentum convention
+            # (self.momentum, the weight of the batch statistics).
+            self.settings = Tensor([self.eps, self.momentum], ms.float32)
 
     def _uses_batch_statistics(self) -> bool:
         if self.use_batch_statistics is None:
@@ -143,21 +151,16 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return ops.relu(y) if self.activation != "none" else y
 
     def _kernel_forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        statistics = (self.gamma, self.beta, self.moving_mean, self.moving_variance,
+                      self.settings)
         if self.activation == "add_relu":
-            y, mean, var = self.function(x, residual, self.gamma, self.beta, self.eps_tensor)
+            outputs = self.function(x, residual, *statistics)
         else:
-            y, mean, var = self.function(x, self.gamma, self.beta, self.eps_tensor)
-        self._update_running_statistics(ops.stop_gradient(mean), ops.stop_gradient(var),
-                                        x.size // x.shape[1])
-        return y
-
-    def _update_running_statistics(self, mean: Tensor, var: Tensor, count: int) -> None:
-        # As MindSpore's BatchNorm: new = (1 - m) * old + m * batch, with m = self.momentum
-        # (1 - the constructor's momentum) and the unbiased batch variance.
-        unbiased = var * (count / max(count - 1, 1))
-        keep = 1.0 - self.momentum
-        ops.assign(self.moving_mean, self.moving_mean * keep + mean * self.momentum)
-        ops.assign(self.moving_variance, self.moving_variance * keep + unbiased * self.momentum)
+            outputs = self.function(x, *statistics)
+        # The running statistics as MindSpore's BatchNorm updates them (computed by the kernel).
+        ops.assign(self.moving_mean, ops.stop_gradient(outputs[3]))
+        ops.assign(self.moving_variance, ops.stop_gradient(outputs[4]))
+        return outputs[0]
 
     def extend_repr(self) -> str:
         return f"{super().extend_repr()}, activation={self.activation}, impl={self.impl}"
