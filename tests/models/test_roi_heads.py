@@ -139,7 +139,8 @@ def test_roi_align_kernel_gradient_equals_gather(batch):
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_mask_targets_follow_the_gt_frame():
+@pytest.mark.parametrize("impl", ["gather", "kernel"])
+def test_mask_targets_follow_the_gt_frame(impl):
     side = 8
     gt_boxes = np.array([[[10.0, 20, 50, 40], [0, 0, 0, 0]]], np.float32)
     gt_masks = np.zeros((1, 2, side, side), np.uint8)
@@ -147,10 +148,29 @@ def test_mask_targets_follow_the_gt_frame():
     rois = np.array([[[10.0, 20, 50, 40], [10, 20, 30, 40], [30, 20, 50, 40]]], np.float32)
     targets = build_mask_targets(Tensor(rois), Tensor(np.zeros((1, 3), np.int32)),
                                  Tensor(gt_boxes), Tensor(gt_masks), mask_size=4,
-                                 sampling_ratio=2).asnumpy()
+                                 sampling_ratio=2, roi_align_impl=impl).asnumpy()
     np.testing.assert_array_equal(targets[0], [[1, 1, 0, 0]] * 4)  # whole box: left half
     np.testing.assert_array_equal(targets[1], np.ones((4, 4)))      # left half: all foreground
     np.testing.assert_array_equal(targets[2], np.zeros((4, 4)))     # right half: background
+
+
+def test_mask_targets_are_the_same_on_the_kernel():
+    """Irregular GT masks, RoIs partly outside their GT boxes, two images: the RoIAlign kernel
+    crops exactly what the gather path crops."""
+    rng = np.random.default_rng(7)
+    side, num_gts, num_rois = 28, 3, 6
+    gt_boxes = np.sort(rng.uniform(0, 200, (2, num_gts, 2, 2)), axis=2)
+    gt_boxes = gt_boxes.reshape(2, num_gts, 4).astype(np.float32)       # (x1, y1, x2, y2)
+    gt_masks = (rng.uniform(size=(2, num_gts, side, side)) > 0.5).astype(np.uint8)
+    gt_index = rng.integers(0, num_gts, (2, num_rois)).astype(np.int32)
+    matched = np.take_along_axis(gt_boxes, gt_index[..., None], axis=1)        # (2, Q, 4)
+    extent = np.tile(matched[..., 2:] - matched[..., :2], 2)
+    rois = (matched + rng.uniform(-0.3, 0.3, matched.shape) * extent).astype(np.float32)
+    targets = [build_mask_targets(Tensor(rois), Tensor(gt_index), Tensor(gt_boxes),
+                                  Tensor(gt_masks), mask_size=28, sampling_ratio=2,
+                                  roi_align_impl=impl).asnumpy() for impl in ("gather", "kernel")]
+    assert 0 < targets[0].mean() < 1
+    np.testing.assert_array_equal(targets[1], targets[0])
 
 
 def test_bbox_head_losses():
