@@ -71,6 +71,24 @@ float InverseStd(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
 // (std::fmax is a libm call under strict floating-point semantics).
 inline float Relu(float v) { return v < 0.0f ? 0.0f : v; }
 
+// Sum of term(v) over the values v of channel c: float partial sums of kSumBlock values
+// (vectorised), added up in double.
+template <class Term>
+double ChannelSum(const float *x, const Layout &layout, int64_t c, Term term) {
+  double total = 0.0;
+  for (int64_t n = 0; n < layout.images; ++n) {
+    const float *xs = x + layout.Offset(n, c);
+    for (int64_t start = 0; start < layout.plane; start += kSumBlock) {
+      const int64_t end = std::min(layout.plane, start + kSumBlock);
+      float partial = 0.0f;
+#pragma omp simd reduction(+ : partial)
+      for (int64_t i = start; i < end; ++i) partial += term(xs[i]);
+      total += partial;
+    }
+  }
+  return total;
+}
+
 template <Epilogue E>
 int ForwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   const bool add = E == Epilogue::kAddRelu;
@@ -99,32 +117,12 @@ int ForwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const c
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t c = 0; c < layout.channels; ++c) {
-    double sum = 0.0;
-    for (int64_t n = 0; n < layout.images; ++n) {
-      const float *xs = x + layout.Offset(n, c);
-      for (int64_t start = 0; start < layout.plane; start += kSumBlock) {
-        const int64_t end = std::min(layout.plane, start + kSumBlock);
-        float partial = 0.0f;
-#pragma omp simd reduction(+ : partial)
-        for (int64_t i = start; i < end; ++i) partial += xs[i];
-        sum += partial;
-      }
-    }
-    const float mean = static_cast<float>(sum / count);
-    double squares = 0.0;
-    for (int64_t n = 0; n < layout.images; ++n) {
-      const float *xs = x + layout.Offset(n, c);
-      for (int64_t start = 0; start < layout.plane; start += kSumBlock) {
-        const int64_t end = std::min(layout.plane, start + kSumBlock);
-        float partial = 0.0f;
-#pragma omp simd reduction(+ : partial)
-        for (int64_t i = start; i < end; ++i) {
-          const float d = xs[i] - mean;
-          partial += d * d;
-        }
-        squares += partial;
-      }
-    }
+    const float mean = static_cast<float>(ChannelSum(x, layout, c, [](float v) { return v; }) /
+                                          count);
+    const double squares = ChannelSum(x, layout, c, [mean](float v) {
+      const float d = v - mean;
+      return d * d;
+    });
     const float var = static_cast<float>(squares / count);
     const float scale = gamma[c] * InverseStd(var, eps);
     const float shift = beta[c];

@@ -56,7 +56,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 from instaboost.models.layers.gemm import load_kernel, matmul
-from instaboost.models.layers.native_kernels import aot_op
+from instaboost.models.layers.native_kernels import adjoint_pair_op, aot_op
 from instaboost.models.layers.winograd import OUTPUT_TILE, WinogradConvFunction
 
 CONV_IMPLS = ("native", "unfold", "winograd")
@@ -102,15 +102,8 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _subsample_op() -> ops.Custom:
     """Differentiable AOT op ``x[:, :, ::2, ::2]`` of ``kernels/cpu/subpixel.cc``."""
-    adjoint = aot_op("subpixel", "Subsample2x2Adjoint", out_shape=lambda x, _: tuple(x),
-                     out_dtype=lambda x, _: x)
-
-    def bprop(x, out, dout):
-        return (adjoint(x, dout),)
-
-    return aot_op("subpixel", "Subsample2x2",
-                  out_shape=lambda x: (x[0], x[1], (x[2] + 1) // 2, (x[3] + 1) // 2),
-                  out_dtype=lambda d: d, bprop=bprop)
+    return adjoint_pair_op("subpixel", "Subsample2x2", "Subsample2x2Adjoint",
+                           lambda x: (x[0], x[1], (x[2] + 1) // 2, (x[3] + 1) // 2))
 
 
 def subsample(x: Tensor, stride: Tuple[int, int], use_kernel: bool = False) -> Tensor:

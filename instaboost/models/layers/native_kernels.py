@@ -113,3 +113,14 @@ def aot_op(name: str, function: str, out_shape: Callable, out_dtype: Callable, *
     library = kernel_library(name, tuple(extra_flags))
     return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype,
                       func_type="aot", bprop=bprop)
+
+
+def adjoint_pair_op(name: str, forward: str, adjoint: str, out_shape: Callable) -> ops.Custom:
+    """Differentiable float32 AOT op ``forward`` (one input x) of ``kernels/cpu/<name>.cc`` whose
+    gradient is the entry point ``adjoint`` called as ``adjoint(x, dy)`` -> dx (x's shape)."""
+    backward = aot_op(name, adjoint, out_shape=lambda x, _: tuple(x), out_dtype=lambda x, _: x)
+
+    def bprop(x, out, dout):
+        return (backward(x, dout),)
+
+    return aot_op(name, forward, out_shape=out_shape, out_dtype=lambda d: d, bprop=bprop)

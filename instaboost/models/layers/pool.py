@@ -13,28 +13,22 @@ import functools
 
 from mindspore import Tensor, nn, ops
 
-from instaboost.models.layers.native_kernels import aot_op
+from instaboost.models.layers.conv import conv_output_size
+from instaboost.models.layers.native_kernels import adjoint_pair_op
 
 POOL_IMPLS = ("mindspore", "kernel")
 KERNEL, STRIDE, PADDING = 3, 2, 1
 
 
 def _pooled(size: int) -> int:
-    return (size + 2 * PADDING - KERNEL) // STRIDE + 1
+    return conv_output_size(size, KERNEL, STRIDE, PADDING)
 
 
 @functools.lru_cache(maxsize=None)
 def _max_pool_op() -> ops.Custom:
     """The differentiable AOT op of ``kernels/cpu/max_pool.cc``."""
-    grad = aot_op("max_pool", "MaxPool3x3Stride2Grad", out_shape=lambda x, _: tuple(x),
-                  out_dtype=lambda x, _: x)
-
-    def bprop(x, out, dout):
-        return (grad(x, dout),)
-
-    return aot_op("max_pool", "MaxPool3x3Stride2",
-                  out_shape=lambda x: (x[0], x[1], _pooled(x[2]), _pooled(x[3])),
-                  out_dtype=lambda d: d, bprop=bprop)
+    return adjoint_pair_op("max_pool", "MaxPool3x3Stride2", "MaxPool3x3Stride2Grad",
+                           lambda x: (x[0], x[1], _pooled(x[2]), _pooled(x[3])))
 
 
 class KernelMaxPool3x3(nn.Cell):
