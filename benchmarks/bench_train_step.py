@@ -15,7 +15,10 @@ convolutions, unfold on the C++ matmul kernel for the rest; ``winograd_bf16``: t
    PyNative mode): one warm-up step, then the mean of ``--steps`` timed steps. The model is
    built as the train task builds it in PyNative mode: the mask head runs on the sampled
    positives (``mask_head_rois`` in the JSON) and the assigners on the occupied GT slots;
-   ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes).
+   ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes). The steps
+   train (lr 0.02), so the positives -- the mask head's workload, about 15 ms per RoI fwd+bwd
+   at 512² -- grow from step to step as the RPN learns: the RoIs of each timed step are
+   printed and in the JSON (``mask_head_rois_timed_<impl>``); compare steps at equal RoIs.
    MindSpore's native CPU convolutions run at about 1 GFLOP/s, so a native step at 512² takes
    about 20 minutes (1.4 TFLOP of convolutions). By default (``--native-step estimate``) it is therefore
    *estimated* as ``step_s_unfold - conv_s_unfold + conv_s_native`` (the non-convolution work is
@@ -144,6 +147,18 @@ def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool):
                            scaler=build_loss_scaler("none", 1.0),
                            finite_check=build_finite_check(uses_cpu_kernels(impl)))
     return detector, step
+
+
+def count_mask_head_rois(detector: nn.Cell) -> List[int]:
+    """A list that receives the mask head's RoI count at every call of ``detector`` from now on
+    (the step's workload: the sampled positives grow as the model learns)."""
+    counts: List[int] = []
+
+    def record(cell, inputs):
+        counts.append(int(inputs[0].shape[0]))
+
+    detector.roi_heads.mask_head.register_forward_pre_hook(record)
+    return counts
 
 
 def time_steps(step, batch: Sequence[Tensor], steps: int) -> Tuple[float, List[float], float]:
@@ -345,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     conv: Dict[str, Dict[str, float]] = {}
     steps: Dict[str, float] = {}
     step_cpu: Dict[str, float] = {}
+    step_rois: Dict[str, List[int]] = {}
     calls: List[ConvCall] = []
     fast_impls = tuple(VARIANTS)
     impls = fast_impls if args.native_step == "skip" else fast_impls + ("native",)
@@ -366,12 +382,15 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
               f"{conv[impl]['fwd_bwd_s']:.2f} s -> {conv[impl]['gflops_fwd']:.1f} / "
               f"{conv[impl]['gflops_fwd_bwd']:.1f} GFLOP/s", flush=True)
         if impl in fast_impls or args.native_step == "measure":
+            rois = count_mask_head_rois(detector)
             warmup, timed, cpu_s = time_steps(step, batch, args.steps)
             steps[impl] = float(np.mean(timed))
             step_cpu[impl] = cpu_s
+            step_rois[impl] = rois[1:]               # the timed steps (after the warm-up)
             print(f"[{impl}] train step: warm-up {warmup:.2f} s, timed "
-                  f"{', '.join(f'{t:.2f}' for t in timed)} s -> {steps[impl]:.2f} s, "
-                  f"{cpu_s:.1f} CPU-s per step (load average {os.getloadavg()})", flush=True)
+                  f"{', '.join(f'{t:.2f}' for t in timed)} s -> {steps[impl]:.2f} s "
+                  f"(mask head RoIs {step_rois[impl]}), {cpu_s:.1f} CPU-s per step "
+                  f"(load average {os.getloadavg()})", flush=True)
         del detector, step
     set_matmul_precision("float32")
     estimated = "native" in conv and "native" not in steps
@@ -385,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     result.update({
         "fixed_slots": args.fixed_slots,
         "mask_head_rois": mask_rois,
+        # per timed step: the workload grows as the model learns (lr > 0)
+        "mask_head_rois_timed_winograd": step_rois["winograd"],
+        "mask_head_rois_timed_winograd_bf16": step_rois["winograd_bf16"],
         "step_s_native": native(lambda: steps["native"]),
         "step_s_native_estimated": estimated,
         "step_s_unfold": round(steps["unfold"], 3),
