@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "aot_entry.h"
 #include "shapes.h"
@@ -55,13 +54,6 @@ bool ReadLayout(int ndim, const int64_t *shape, Layout *layout) {
   layout->images = shape[0];
   layout->channels = shape[1];
   layout->plane = tensor_shape::Product(shape, 2, ndim);
-  return true;
-}
-
-bool AllFloat32(int count, const char **dtypes) {
-  for (int i = 0; i < count; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  }
   return true;
 }
 
@@ -90,10 +82,10 @@ double ChannelSum(const float *x, const Layout &layout, int64_t c, Term term) {
 }
 
 template <Epilogue E>
-int ForwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+int ForwardImpl(int nparam, void **params, int *ndims, int64_t **shapes) {
   const bool add = E == Epilogue::kAddRelu;
   const int inputs = add ? 7 : 6;
-  if (nparam != inputs + 5 || !AllFloat32(nparam, dtypes)) return 1;
+  if (nparam != inputs + 5) return 1;
   Layout layout;
   if (!ReadLayout(ndims[0], shapes[0], &layout)) return 1;
   int p = 0;
@@ -158,11 +150,11 @@ int ForwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const c
 //   dbeta = sum g, dgamma = s * sum g * xc,
 //   dx = gamma * s * (g - dbeta / M - xc * s * dgamma / M)   (M values per channel).
 template <Epilogue E>
-int BackwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+int BackwardImpl(int nparam, void **params, int *ndims, int64_t **shapes) {
   const bool masked = E != Epilogue::kNone;
   const bool add = E == Epilogue::kAddRelu;
   const int inputs = masked ? 7 : 6;
-  if (nparam != inputs + (add ? 4 : 3) || !AllFloat32(nparam, dtypes)) return 1;
+  if (nparam != inputs + (add ? 4 : 3)) return 1;
   Layout layout;
   if (!ReadLayout(ndims[0], shapes[0], &layout)) return 1;
   int p = 0;
@@ -238,9 +230,9 @@ int BackwardImpl(int nparam, void **params, int *ndims, int64_t **shapes, const 
 
 }  // namespace
 
-AOT_ENTRY(BatchNormTrain, ForwardImpl<Epilogue::kNone>)
-AOT_ENTRY(BatchNormReluTrain, ForwardImpl<Epilogue::kRelu>)
-AOT_ENTRY(BatchNormAddReluTrain, ForwardImpl<Epilogue::kAddRelu>)
-AOT_ENTRY(BatchNormTrainGrad, BackwardImpl<Epilogue::kNone>)
-AOT_ENTRY(BatchNormReluTrainGrad, BackwardImpl<Epilogue::kRelu>)
-AOT_ENTRY(BatchNormAddReluTrainGrad, BackwardImpl<Epilogue::kAddRelu>)
+AOT_ENTRY_FLOAT32(BatchNormTrain, ForwardImpl<Epilogue::kNone>)
+AOT_ENTRY_FLOAT32(BatchNormReluTrain, ForwardImpl<Epilogue::kRelu>)
+AOT_ENTRY_FLOAT32(BatchNormAddReluTrain, ForwardImpl<Epilogue::kAddRelu>)
+AOT_ENTRY_FLOAT32(BatchNormTrainGrad, BackwardImpl<Epilogue::kNone>)
+AOT_ENTRY_FLOAT32(BatchNormReluTrainGrad, BackwardImpl<Epilogue::kRelu>)
+AOT_ENTRY_FLOAT32(BatchNormAddReluTrainGrad, BackwardImpl<Epilogue::kAddRelu>)

@@ -549,9 +549,10 @@ void GemmSplitK(const Problem &p, int max_threads) {
       part.a = p.trans_a ? p.a + k0 * p.lda : p.a + k0;
       part.b = p.trans_b ? p.b + k0 : p.b + k0 * p.ldb;
       part.c = c;
+      const Blocking blk(part, F::kKC);
       typename F::Packed *a_pack = PackBuffer<F>(kBufferA, kMC);
-      typename F::Packed *b_pack = PackBuffer<F>(kBufferB, Blocking(part, F::kKC).panel_cols);
-      GemmItem<F>(part, Blocking(part, F::kKC), 0, false, a_pack, b_pack);
+      typename F::Packed *b_pack = PackBuffer<F>(kBufferB, blk.panel_cols);
+      GemmItem<F>(part, blk, 0, false, a_pack, b_pack);
     } else {
       std::memset(c, 0, sizeof(float) * size);
     }

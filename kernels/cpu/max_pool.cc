@@ -26,11 +26,10 @@ struct PoolShape {
   int64_t planes, height, width, out_height, out_width;
 };
 
-bool ReadShape(int nparam, int *ndims, int64_t **shapes, const char **dtypes, bool grad,
-               PoolShape *s) {
+bool ReadShape(int nparam, int *ndims, int64_t **shapes, bool grad, PoolShape *s) {
   if (nparam != (grad ? 3 : 2)) return false;
   for (int i = 0; i < nparam; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0 || ndims[i] != 4) return false;
+    if (ndims[i] != 4) return false;
   }
   const int64_t *x = shapes[0], *y = shapes[1];
   s->planes = x[0] * x[1];
@@ -50,21 +49,47 @@ bool ReadShape(int nparam, int *ndims, int64_t **shapes, const char **dtypes, bo
   return true;
 }
 
-// max(a, b) that keeps a NaN of either (vectorises: no libm call).
-inline float MaxKeepNan(float a, float b) { return a != a ? a : (b > a || b != b ? b : a); }
+// Whether value v replaces the current maximum m met before it: v is larger, or a NaN where m
+// is not (a NaN then stays: no comparison with it is true). Ties keep the earlier value.
+inline bool Replaces(float v, float m) { return m == m && (v > m || v != v); }
 
-// One plane: the maximum over each window's rows for every column (contiguous, vectorised),
-// then over each window's columns. `column_max` holds `width` floats.
+// Rows (or columns) [first, last) of window `index` along an axis of `size` pixels.
+inline void WindowRange(int64_t index, int64_t size, int64_t *first, int64_t *last) {
+  *first = std::max<int64_t>(index * kStride - kPadding, 0);
+  *last = std::min<int64_t>(index * kStride - kPadding + kKernel, size);
+}
+
+// For output row i of one plane: each column's maximum over the window's rows
+// (`column_max`, `width` floats) and, with kRows, the first of those rows holding it
+// (`column_row`, offsets from the window's first row); contiguous, vectorised. Returns the
+// window's first row.
+template <bool kRows>
+int64_t ColumnMaxima(const float *x, const PoolShape &s, int64_t i, float *column_max,
+                     int32_t *column_row) {
+  int64_t r0, r1;
+  WindowRange(i, s.height, &r0, &r1);
+  std::memcpy(column_max, x + r0 * s.width, sizeof(float) * s.width);
+  if (kRows) std::fill(column_row, column_row + s.width, 0);
+  for (int64_t r = r0 + 1; r < r1; ++r) {
+    const float *row = x + r * s.width;
+    const int32_t offset = static_cast<int32_t>(r - r0);
+#pragma omp simd
+    for (int64_t c = 0; c < s.width; ++c) {
+      const bool take = Replaces(row[c], column_max[c]);
+      column_max[c] = take ? row[c] : column_max[c];
+      if (kRows) column_row[c] = take ? offset : column_row[c];
+    }
+  }
+  return r0;
+}
+
+inline float MaxKeepNan(float m, float v) { return Replaces(v, m) ? v : m; }
+
+// One plane: the column maxima of each output row, then the maximum over each window's
+// columns. `column_max` holds `width` floats.
 void PoolPlane(const float *x, float *y, const PoolShape &s, float *column_max) {
   for (int64_t i = 0; i < s.out_height; ++i) {
-    const int64_t r0 = std::max<int64_t>(i * kStride - kPadding, 0);
-    const int64_t r1 = std::min<int64_t>(i * kStride - kPadding + kKernel, s.height);
-    std::memcpy(column_max, x + r0 * s.width, sizeof(float) * s.width);
-    for (int64_t r = r0 + 1; r < r1; ++r) {
-      const float *row = x + r * s.width;
-#pragma omp simd
-      for (int64_t c = 0; c < s.width; ++c) column_max[c] = MaxKeepNan(column_max[c], row[c]);
-    }
+    ColumnMaxima<false>(x, s, i, column_max, nullptr);
     float *out = y + i * s.out_width;
     // Windows j in [1, last_inside] cover columns 2j-1 .. 2j+1, all inside the map.
     const int64_t last_inside = std::min<int64_t>(s.out_width - 1, (s.width - 2) / 2);
@@ -75,8 +100,8 @@ void PoolPlane(const float *x, float *y, const PoolShape &s, float *column_max) 
     }
     // The border windows (the first; the last ones when the map's width is odd or small).
     auto border_window = [&](int64_t j) {
-      const int64_t c0 = std::max<int64_t>(j * kStride - kPadding, 0);
-      const int64_t c1 = std::min<int64_t>(j * kStride - kPadding + kKernel, s.width);
+      int64_t c0, c1;
+      WindowRange(j, s.width, &c0, &c1);
       float m = column_max[c0];
       for (int64_t c = c0 + 1; c < c1; ++c) m = MaxKeepNan(m, column_max[c]);
       out[j] = m;
@@ -88,9 +113,9 @@ void PoolPlane(const float *x, float *y, const PoolShape &s, float *column_max) 
   }
 }
 
-int Forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+int Forward(int nparam, void **params, int *ndims, int64_t **shapes) {
   PoolShape s;
-  if (!ReadShape(nparam, ndims, shapes, dtypes, false, &s)) return 1;
+  if (!ReadShape(nparam, ndims, shapes, false, &s)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
 #pragma omp parallel
@@ -105,34 +130,17 @@ int Forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return 0;
 }
 
-// Whether value v comes before the current maximum m (seen earlier in row-major order): it is
-// larger, or a NaN where m is not.
-inline bool Replaces(float v, float m) { return m == m && (v > m || v != v); }
-
-// One plane's gradient. Per output row: each column's maximum over the window's rows and the
-// first row holding it (vectorised), then per window the first of its columns holding the
-// window's maximum at the smallest row -- the window's first maximum in row-major order.
+// One plane's gradient: per window, of its columns holding the window's maximum the one whose
+// maximum sits at the smallest row (then the leftmost) -- the window's first maximum in
+// row-major order.
 void PoolPlaneGrad(const float *x, const float *dy, float *dx, const PoolShape &s,
                    float *column_max, int32_t *column_row) {
   std::memset(dx, 0, sizeof(float) * s.height * s.width);
   for (int64_t i = 0; i < s.out_height; ++i) {
-    const int64_t r0 = std::max<int64_t>(i * kStride - kPadding, 0);
-    const int64_t r1 = std::min<int64_t>(i * kStride - kPadding + kKernel, s.height);
-    std::memcpy(column_max, x + r0 * s.width, sizeof(float) * s.width);
-    std::fill(column_row, column_row + s.width, 0);
-    for (int64_t r = r0 + 1; r < r1; ++r) {
-      const float *row = x + r * s.width;
-      const int32_t offset = static_cast<int32_t>(r - r0);
-#pragma omp simd
-      for (int64_t c = 0; c < s.width; ++c) {
-        const bool take = Replaces(row[c], column_max[c]);
-        column_max[c] = take ? row[c] : column_max[c];
-        column_row[c] = take ? offset : column_row[c];
-      }
-    }
+    const int64_t r0 = ColumnMaxima<true>(x, s, i, column_max, column_row);
     for (int64_t j = 0; j < s.out_width; ++j) {
-      const int64_t c0 = std::max<int64_t>(j * kStride - kPadding, 0);
-      const int64_t c1 = std::min<int64_t>(j * kStride - kPadding + kKernel, s.width);
+      int64_t c0, c1;
+      WindowRange(j, s.width, &c0, &c1);
       int64_t best = c0;
       for (int64_t c = c0 + 1; c < c1; ++c) {
         const float v = column_max[c], m = column_max[best];
@@ -144,9 +152,9 @@ void PoolPlaneGrad(const float *x, const float *dy, float *dx, const PoolShape &
   }
 }
 
-int Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+int Backward(int nparam, void **params, int *ndims, int64_t **shapes) {
   PoolShape s;
-  if (!ReadShape(nparam, ndims, shapes, dtypes, true, &s)) return 1;
+  if (!ReadShape(nparam, ndims, shapes, true, &s)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
@@ -166,5 +174,5 @@ int Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
 
 }  // namespace
 
-AOT_ENTRY(MaxPool3x3Stride2, Forward)
-AOT_ENTRY(MaxPool3x3Stride2Grad, Backward)
+AOT_ENTRY_FLOAT32(MaxPool3x3Stride2, Forward)
+AOT_ENTRY_FLOAT32(MaxPool3x3Stride2Grad, Backward)

@@ -31,13 +31,10 @@ namespace {
 
 constexpr int kFactor = 2;
 
-// Planes (N * O) and the sub-pixel map size H x W; false for a wrong dtype or shape.
-bool ReadShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes, bool adjoint,
-                int64_t *planes, int64_t *height, int64_t *width) {
-  if (nparam != 2 || std::strcmp(dtypes[0], "float32") != 0 ||
-      std::strcmp(dtypes[1], "float32") != 0) {
-    return false;
-  }
+// Planes (N * O) and the sub-pixel map size H x W; false for a wrong shape.
+bool ReadShapes(int nparam, int *ndims, int64_t **shapes, bool adjoint, int64_t *planes,
+                int64_t *height, int64_t *width) {
+  if (nparam != 2) return false;
   const int maps = adjoint ? 1 : 0, image = adjoint ? 0 : 1;
   if (ndims[maps] != 4 || ndims[image] != 4) return false;
   const int64_t *m = shapes[maps], *y = shapes[image];
@@ -74,9 +71,9 @@ void Permute(float *maps, float *image, int64_t height, int64_t width) {
 }
 
 template <bool kToImage>
-int Run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+int Run(int nparam, void **params, int *ndims, int64_t **shapes) {
   int64_t planes, height, width;
-  if (!ReadShapes(nparam, ndims, shapes, dtypes, !kToImage, &planes, &height, &width)) return 1;
+  if (!ReadShapes(nparam, ndims, shapes, !kToImage, &planes, &height, &width)) return 1;
   float *maps = static_cast<float *>(params[kToImage ? 0 : 1]);
   float *image = static_cast<float *>(params[kToImage ? 1 : 0]);
   const int64_t plane_size = kFactor * kFactor * height * width;
@@ -88,12 +85,12 @@ int Run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dt
 }
 
 // Planes (N * C), full and subsampled sizes of Subsample2x2 (adjoint: its x, dxs, dx); false
-// for a wrong dtype or shape.
-bool ReadSubsampleShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes,
-                         bool adjoint, int64_t *planes, int64_t full[2], int64_t half[2]) {
+// for a wrong shape.
+bool ReadSubsampleShapes(int nparam, int *ndims, int64_t **shapes, bool adjoint,
+                         int64_t *planes, int64_t full[2], int64_t half[2]) {
   if (nparam != (adjoint ? 3 : 2)) return false;
   for (int i = 0; i < nparam; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0 || ndims[i] != 4) return false;
+    if (ndims[i] != 4) return false;
   }
   const int64_t *x = shapes[0], *xs = shapes[1];
   for (int d = 0; d < 2; ++d) {
@@ -111,9 +108,9 @@ bool ReadSubsampleShapes(int nparam, int *ndims, int64_t **shapes, const char **
 }
 
 template <bool kAdjoint>
-int Subsample(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+int Subsample(int nparam, void **params, int *ndims, int64_t **shapes) {
   int64_t planes, full[2], half[2];
-  if (!ReadSubsampleShapes(nparam, ndims, shapes, dtypes, kAdjoint, &planes, full, half)) {
+  if (!ReadSubsampleShapes(nparam, ndims, shapes, kAdjoint, &planes, full, half)) {
     return 1;
   }
   const int64_t full_size = full[0] * full[1], half_size = half[0] * half[1];
@@ -141,7 +138,7 @@ int Subsample(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 
 }  // namespace
 
-AOT_ENTRY(Interleave2x2, Run<true>)
-AOT_ENTRY(Interleave2x2Adjoint, Run<false>)
-AOT_ENTRY(Subsample2x2, Subsample<false>)
-AOT_ENTRY(Subsample2x2Adjoint, Subsample<true>)
+AOT_ENTRY_FLOAT32(Interleave2x2, Run<true>)
+AOT_ENTRY_FLOAT32(Interleave2x2Adjoint, Run<false>)
+AOT_ENTRY_FLOAT32(Subsample2x2, Subsample<false>)
+AOT_ENTRY_FLOAT32(Subsample2x2Adjoint, Subsample<true>)

@@ -23,11 +23,6 @@
 
 namespace {
 
-bool Float32(int nparam, const char **dtypes) {
-  return nparam == 2 && std::strcmp(dtypes[0], "float32") == 0 &&
-         std::strcmp(dtypes[1], "float32") == 0;
-}
-
 // y (B, C, R) = x (B, R, C) with each transposed matrix written at y + b * R * C.
 void TransposeEach(const float *x, int64_t batch, int64_t rows, int64_t cols, float *y) {
 #pragma omp parallel
@@ -36,10 +31,9 @@ void TransposeEach(const float *x, int64_t batch, int64_t rows, int64_t cols, fl
   }
 }
 
-int SwapLastAxesImpl(int nparam, void **params, int *ndims, int64_t **shapes,
-                     const char **dtypes) {
+int SwapLastAxesImpl(int nparam, void **params, int *ndims, int64_t **shapes) {
   const int nd = ndims[0];
-  if (!Float32(nparam, dtypes) || nd < 2 || ndims[1] != nd) return 1;
+  if (nparam != 2 || nd < 2 || ndims[1] != nd) return 1;
   const int64_t batch = tensor_shape::Product(shapes[0], 0, nd - 2);
   const int64_t rows = shapes[0][nd - 2], cols = shapes[0][nd - 1];
   for (int d = 0; d < nd - 2; ++d) {
@@ -51,10 +45,9 @@ int SwapLastAxesImpl(int nparam, void **params, int *ndims, int64_t **shapes,
   return 0;
 }
 
-int ToRowTableImpl(int nparam, void **params, int *ndims, int64_t **shapes,
-                   const char **dtypes) {
+int ToRowTableImpl(int nparam, void **params, int *ndims, int64_t **shapes) {
   int64_t x[3];  // (N, C, H*W)
-  if (!Float32(nparam, dtypes) || tensor_shape::AsMatrixStack(ndims[0], shapes[0], x) != 3 ||
+  if (nparam != 2 || tensor_shape::AsMatrixStack(ndims[0], shapes[0], x) != 3 ||
       ndims[1] != 2) {
     return 1;
   }
@@ -68,5 +61,5 @@ int ToRowTableImpl(int nparam, void **params, int *ndims, int64_t **shapes,
 
 }  // namespace
 
-AOT_ENTRY(SwapLastAxes, SwapLastAxesImpl)
-AOT_ENTRY(ToRowTable, ToRowTableImpl)
+AOT_ENTRY_FLOAT32(SwapLastAxes, SwapLastAxesImpl)
+AOT_ENTRY_FLOAT32(ToRowTable, ToRowTableImpl)

@@ -408,20 +408,11 @@ int WeightTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
   return 0;
 }
 
-// Every tensor of these operators is float32; `F` then reads the shapes.
-template <int (*F)(int, void **, int *, int64_t **)>
-int Float32Only(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  for (int i = 0; i < nparam; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0) return 2;
-  }
-  return F(nparam, params, ndims, shapes);
-}
-
 }  // namespace
 
-AOT_ENTRY(WinogradF4Input, Float32Only<InputTransform>)
-AOT_ENTRY(WinogradF4Output, Float32Only<OutputTransform>)
-AOT_ENTRY(WinogradF4InputAdjoint, Float32Only<InputAdjoint>)
-AOT_ENTRY(WinogradF4OutputAdjoint, Float32Only<OutputAdjoint>)
-AOT_ENTRY(WinogradF4Weight, Float32Only<WeightTransform<false>>)
-AOT_ENTRY(WinogradF4WeightAdjoint, Float32Only<WeightTransform<true>>)
+AOT_ENTRY_FLOAT32(WinogradF4Input, InputTransform)
+AOT_ENTRY_FLOAT32(WinogradF4Output, OutputTransform)
+AOT_ENTRY_FLOAT32(WinogradF4InputAdjoint, InputAdjoint)
+AOT_ENTRY_FLOAT32(WinogradF4OutputAdjoint, OutputAdjoint)
+AOT_ENTRY_FLOAT32(WinogradF4Weight, WeightTransform<false>)
+AOT_ENTRY_FLOAT32(WinogradF4WeightAdjoint, WeightTransform<true>)
