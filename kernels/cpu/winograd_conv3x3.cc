@@ -12,8 +12,17 @@
 // one MindSpore tensor per chunk, each laid out (points = a*a, channels, tiles_in_chunk): one
 // BatchMatMul per chunk keeps the matmul in the shape MindSpore runs fastest (its speed drops
 // above a few thousand columns), and separate tensors avoid concatenating hundreds of MB.
-// Tile t of the whole batch (t = (image * tiles_y + ty) * tiles_x + tx) lives in chunk
+// Tile t of the whole batch (t = (canvas * tiles_y + ty) * tiles_x + tx) lives in chunk
 // t / chunk_tiles at column t % chunk_tiles; every chunk but the last is full.
+//
+// Canvases: small maps waste products on tiles that overhang them (a 14x14 RoI of the mask head
+// is 16 tiles covering 16x16 outputs, 31% more than its 196 pixels). Such images are laid side
+// by side on one canvas per channel, `columns` across and as many rows as needed, one zero
+// pixel between neighbours: that pixel is the padding of both, so the convolution of the canvas
+// is the convolution of every image, and the tiles cover the canvas instead of each image (14x14
+// RoIs, four across: 14.1 tiles each). `ChooseCanvas` takes the layout with the fewest tiles,
+// separate images (one canvas each) unless a shared canvas has strictly fewer; winograd.py
+// computes the same layout to size the tile tensors, and MakeGeometry rejects a mismatch.
 //
 // Entry points (params: inputs, then outputs, as MindSpore passes them):
 //   WinogradF4Input   (x (N,C,H,W))                -> V_0..V_{k-1} (a*a, C, tiles_k)
@@ -125,12 +134,62 @@ inline void Transform2D(const float (&in)[K1][K2][kLanes], float (&out)[R1][R2][
   }
 }
 
-// Geometry of one call: the NCHW tensor and the chunked tile tensors.
+// Most images across one canvas (bounds the canvas buffers of the transforms).
+constexpr int64_t kMaxCanvasColumns = 8;
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How the images of a batch lie on canvases (see the file comment).
+struct Canvas {
+  int64_t columns = 1, rows = 1;  // image slots across and down one canvas
+  int64_t count = 0;              // canvases
+  int64_t tiles_y = 0, tiles_x = 0;
+  int64_t Tiles() const { return count * tiles_y * tiles_x; }
+};
+
+Canvas ChooseCanvas(int64_t images, int64_t height, int64_t width) {
+  Canvas best;  // separate images
+  best.count = images;
+  best.tiles_y = CeilDiv(height, kOut);
+  best.tiles_x = CeilDiv(width, kOut);
+  for (int64_t columns = 1; columns <= std::min(images, kMaxCanvasColumns); ++columns) {
+    Canvas shared;
+    shared.columns = columns;
+    shared.rows = CeilDiv(images, columns);
+    shared.count = 1;
+    shared.tiles_y = CeilDiv(shared.rows * (height + 1) - 1, kOut);
+    shared.tiles_x = CeilDiv(columns * (width + 1) - 1, kOut);
+    if (shared.Tiles() < best.Tiles()) best = shared;
+  }
+  return best;
+}
+
+// Geometry of one call: the NCHW tensor, its canvases and the chunked tile tensors.
 struct Geometry {
   int64_t images, channels, height, width;
-  int64_t tiles_y, tiles_x, chunk_tiles;
+  Canvas canvas;
+  int64_t chunk_tiles;
   std::vector<float *> chunks;   // base pointer of each chunk
   std::vector<int64_t> widths;   // tiles in each chunk
+
+  // Output rows and columns of one canvas, whole tiles.
+  int64_t TiledRows() const { return canvas.tiles_y * kOut; }
+  int64_t TiledColumns() const { return canvas.tiles_x * kOut; }
+  // The (image, channel) plane of an NCHW tensor.
+  int64_t Plane(int64_t image, int64_t channel) const {
+    return (image * channels + channel) * height * width;
+  }
+  // Calls place(image, top, left) for every image of canvas `index`, with its top-left output
+  // pixel on the canvas.
+  template <class Place>
+  void ForEachImage(int64_t index, Place place) const {
+    const int64_t slots = canvas.columns * canvas.rows;
+    const int64_t last = std::min(images, (index + 1) * slots);
+    for (int64_t image = index * slots; image < last; ++image) {
+      const int64_t slot = image - index * slots;
+      place(image, slot / canvas.columns * (height + 1), slot % canvas.columns * (width + 1));
+    }
+  }
 };
 
 // Reads the geometry from MindSpore's params; returns false on malformed shapes.
@@ -143,8 +202,7 @@ bool MakeGeometry(int nparam, void **params, int *ndims, int64_t **shapes, int i
   g->channels = s[1];
   g->height = s[2];
   g->width = s[3];
-  g->tiles_y = (g->height + kOut - 1) / kOut;
-  g->tiles_x = (g->width + kOut - 1) / kOut;
+  g->canvas = ChooseCanvas(g->images, g->height, g->width);
   int64_t total = 0;
   for (int k = 0; k < num_chunks; ++k) {
     const int index = first_chunk + k;
@@ -159,7 +217,7 @@ bool MakeGeometry(int nparam, void **params, int *ndims, int64_t **shapes, int i
   for (int k = 0; k + 1 < num_chunks; ++k) {
     if (g->widths[k] != g->chunk_tiles) return false;
   }
-  return total == g->images * g->tiles_y * g->tiles_x;
+  return total == g->canvas.Tiles();
 }
 
 // Up to kLanes consecutive tiles of one plane that lie in one chunk: their columns are
@@ -172,15 +230,16 @@ struct Block {
   int64_t offset[kLanes];
 };
 
-// Calls visit(block) for every block of the plane (image, channel), in tile order. Tile
+// Calls visit(block) for every block of the plane (canvas, channel), in tile order. Tile
 // positions are stepped, not divided out per lane: 16 integer divisions per block cost about
 // as much as its transform.
 template <class Visit>
-void ForEachBlock(const Geometry &g, int64_t image, int64_t channel, int64_t row,
+void ForEachBlock(const Geometry &g, int64_t canvas, int64_t channel, int64_t row,
                   Visit visit) {
-  const int64_t plane_tiles = g.tiles_y * g.tiles_x;
-  int64_t k = image * plane_tiles / g.chunk_tiles;               // chunk of the block's tile 0
-  int64_t col = image * plane_tiles - k * g.chunk_tiles;         // its column in that chunk
+  const int64_t tiles_x = g.canvas.tiles_x;
+  const int64_t plane_tiles = g.canvas.tiles_y * tiles_x;
+  int64_t k = canvas * plane_tiles / g.chunk_tiles;              // chunk of the block's tile 0
+  int64_t col = canvas * plane_tiles - k * g.chunk_tiles;        // its column in that chunk
   int64_t ty = 0, tx = 0;                                        // its tile row and column
   Block b;
   for (int64_t q0 = 0; q0 < plane_tiles; q0 += b.count) {
@@ -190,15 +249,15 @@ void ForEachBlock(const Geometry &g, int64_t image, int64_t channel, int64_t row
     int64_t y = ty, x = tx;
     for (int lane = 0; lane < kLanes; ++lane) {
       b.offset[lane] = y * kOut * row + x * kOut;
-      if (lane + 1 < b.count && ++x == g.tiles_x) {  // unused lanes repeat the last tile
+      if (lane + 1 < b.count && ++x == tiles_x) {  // unused lanes repeat the last tile
         x = 0;
         ++y;
       }
     }
     visit(b);
     tx += b.count;                                   // advance past the block
-    while (tx >= g.tiles_x) {
-      tx -= g.tiles_x;
+    while (tx >= tiles_x) {
+      tx -= tiles_x;
       ++ty;
     }
     col += b.count;
@@ -227,20 +286,24 @@ int InputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
   Geometry g;
   if (!MakeGeometry(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
   const float *x = static_cast<const float *>(params[0]);
-  const int64_t row = g.tiles_x * kOut + 2, rows = g.tiles_y * kOut + 2;
-  const int64_t planes = g.images * g.channels;
+  const int64_t row = g.TiledColumns() + 2, rows = g.TiledRows() + 2;
+  const int64_t planes = g.canvas.count * g.channels;
 #pragma omp parallel
   {
-    std::vector<float> padded(rows * row);  // the plane with its zero border and tile overhang
+    std::vector<float> padded(rows * row);  // the canvas with its zero border and tile overhang
     float d[kIn][kIn][kLanes], v[kIn][kIn][kLanes];
 #pragma omp for schedule(static)
     for (int64_t plane = 0; plane < planes; ++plane) {
-      const float *src = x + plane * g.height * g.width;
+      const int64_t canvas = plane / g.channels, channel = plane % g.channels;
       std::fill(padded.begin(), padded.end(), 0.0f);
-      for (int64_t y = 0; y < g.height; ++y) {
-        std::memcpy(&padded[(y + 1) * row + 1], src + y * g.width, sizeof(float) * g.width);
-      }
-      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+      g.ForEachImage(canvas, [&](int64_t image, int64_t top, int64_t left) {
+        const float *src = x + g.Plane(image, channel);
+        for (int64_t y = 0; y < g.height; ++y) {
+          std::memcpy(&padded[(top + y + 1) * row + left + 1], src + y * g.width,
+                      sizeof(float) * g.width);
+        }
+      });
+      ForEachBlock(g, canvas, channel, row, [&](const Block &b) {
         for (int i = 0; i < kIn; ++i) {
           for (int j = 0; j < kIn; ++j) {
             for (int lane = 0; lane < kLanes; ++lane) {
@@ -264,15 +327,16 @@ int OutputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
   const int image_index = nparam - 1;  // params[0] only carries the input's shape (see above)
   if (!MakeGeometry(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
   float *y = static_cast<float *>(params[image_index]);
-  const int64_t row = g.tiles_x * kOut, rows = g.tiles_y * kOut;
-  const int64_t planes = g.images * g.channels;
+  const int64_t row = g.TiledColumns(), rows = g.TiledRows();
+  const int64_t planes = g.canvas.count * g.channels;
 #pragma omp parallel
   {
     std::vector<float> tiled(rows * row);  // whole output tiles, cropped when copied out
     float mm[kIn][kIn][kLanes], out[kOut][kOut][kLanes];
 #pragma omp for schedule(static)
     for (int64_t plane = 0; plane < planes; ++plane) {
-      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+      const int64_t canvas = plane / g.channels, channel = plane % g.channels;
+      ForEachBlock(g, canvas, channel, row, [&](const Block &b) {
         LoadColumns(b, mm);
         Transform2D<AT, AT>(mm, out);
         for (int lane = 0; lane < b.count; ++lane) {
@@ -281,10 +345,13 @@ int OutputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
           }
         }
       });
-      float *dst = y + plane * g.height * g.width;
-      for (int64_t yy = 0; yy < g.height; ++yy) {
-        std::memcpy(dst + yy * g.width, &tiled[yy * row], sizeof(float) * g.width);
-      }
+      g.ForEachImage(canvas, [&](int64_t image, int64_t top, int64_t left) {
+        float *dst = y + g.Plane(image, channel);
+        for (int64_t yy = 0; yy < g.height; ++yy) {
+          std::memcpy(dst + yy * g.width, &tiled[(top + yy) * row + left],
+                      sizeof(float) * g.width);
+        }
+      });
     }
   }
   return 0;
@@ -295,16 +362,17 @@ int InputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
   const int image_index = nparam - 1;  // params[0] only carries the input's shape (see above)
   if (!MakeGeometry(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
   float *dx = static_cast<float *>(params[image_index]);
-  const int64_t row = g.tiles_x * kOut + 2, rows = g.tiles_y * kOut + 2;
-  const int64_t planes = g.images * g.channels;
+  const int64_t row = g.TiledColumns() + 2, rows = g.TiledRows() + 2;
+  const int64_t planes = g.canvas.count * g.channels;
 #pragma omp parallel
   {
-    std::vector<float> padded(rows * row);  // gradient of the padded plane
+    std::vector<float> padded(rows * row);  // gradient of the padded canvas
     float dv[kIn][kIn][kLanes], dd[kIn][kIn][kLanes];
 #pragma omp for schedule(static)
     for (int64_t plane = 0; plane < planes; ++plane) {
+      const int64_t canvas = plane / g.channels, channel = plane % g.channels;
       std::fill(padded.begin(), padded.end(), 0.0f);
-      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+      ForEachBlock(g, canvas, channel, row, [&](const Block &b) {
         LoadColumns(b, dv);
         Transform2D<BTt, BTt>(dv, dd);
         // Neighbouring tiles overlap by two pixels: accumulate one tile at a time.
@@ -314,10 +382,14 @@ int InputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
           }
         }
       });
-      float *dst = dx + plane * g.height * g.width;
-      for (int64_t yy = 0; yy < g.height; ++yy) {
-        std::memcpy(dst + yy * g.width, &padded[(yy + 1) * row + 1], sizeof(float) * g.width);
-      }
+      // The padding and the pixels between images are constants: their gradient is dropped.
+      g.ForEachImage(canvas, [&](int64_t image, int64_t top, int64_t left) {
+        float *dst = dx + g.Plane(image, channel);
+        for (int64_t yy = 0; yy < g.height; ++yy) {
+          std::memcpy(dst + yy * g.width, &padded[(top + yy + 1) * row + left + 1],
+                      sizeof(float) * g.width);
+        }
+      });
     }
   }
   return 0;
@@ -327,21 +399,26 @@ int OutputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
   Geometry g;
   if (!MakeGeometry(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
   const float *dy = static_cast<const float *>(params[0]);
-  const int64_t row = g.tiles_x * kOut, rows = g.tiles_y * kOut;
-  const int64_t planes = g.images * g.channels;
+  const int64_t row = g.TiledColumns(), rows = g.TiledRows();
+  const int64_t planes = g.canvas.count * g.channels;
 #pragma omp parallel
   {
-    // dY on whole tiles: outputs cropped at the image border receive no gradient (zeros).
+    // dY on whole tiles: outputs cropped from the canvas (at image borders, between images)
+    // receive no gradient (zeros).
     std::vector<float> tiled(rows * row);
     float dout[kOut][kOut][kLanes], dm[kIn][kIn][kLanes];
 #pragma omp for schedule(static)
     for (int64_t plane = 0; plane < planes; ++plane) {
-      const float *src = dy + plane * g.height * g.width;
+      const int64_t canvas = plane / g.channels, channel = plane % g.channels;
       std::fill(tiled.begin(), tiled.end(), 0.0f);
-      for (int64_t yy = 0; yy < g.height; ++yy) {
-        std::memcpy(&tiled[yy * row], src + yy * g.width, sizeof(float) * g.width);
-      }
-      ForEachBlock(g, plane / g.channels, plane % g.channels, row, [&](const Block &b) {
+      g.ForEachImage(canvas, [&](int64_t image, int64_t top, int64_t left) {
+        const float *src = dy + g.Plane(image, channel);
+        for (int64_t yy = 0; yy < g.height; ++yy) {
+          std::memcpy(&tiled[(top + yy) * row + left], src + yy * g.width,
+                      sizeof(float) * g.width);
+        }
+      });
+      ForEachBlock(g, canvas, channel, row, [&](const Block &b) {
         for (int i = 0; i < kOut; ++i) {
           for (int j = 0; j < kOut; ++j) {
             for (int lane = 0; lane < kLanes; ++lane) {

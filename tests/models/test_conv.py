@@ -94,13 +94,16 @@ def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias,
 
 
 # (in, out, bias, input NCHW shape): odd sizes crop the last 4x4 tiles; 1x1 is one tile of
-# padding; the last case has 2,250 tiles, more than one TILE_CHUNK, with the chunk boundary
-# inside a plane.
+# padding; "two-chunks" has 2,250 tiles, more than one TILE_CHUNK, with the chunk boundary
+# inside a plane. The RoI cases share canvases (see test_winograd_canvas_layouts): 7 RoIs in
+# one column, 17 three across with one slot left empty, 600 across several chunks.
 WINOGRAD_CASES = [
     pytest.param(4, 6, False, (2, 4, 8, 8), id="8x8"),
     pytest.param(5, 3, True, (3, 5, 13, 17), id="13x17-bias"),
     pytest.param(3, 4, False, (2, 3, 1, 1), id="1x1-map"),
     pytest.param(6, 5, True, (7, 6, 14, 14), id="roi-14x14"),
+    pytest.param(3, 4, True, (17, 3, 14, 14), id="roi-canvas-partial-row"),
+    pytest.param(2, 3, False, (600, 2, 14, 14), id="roi-canvas-two-chunks"),
     pytest.param(2, 3, True, (1, 2, 200, 180), id="two-chunks"),
 ]
 
@@ -126,7 +129,8 @@ def test_winograd_conv_falls_back_to_unfold_on_small_inputs(monkeypatch):
     conv = build_conv2d(256, 8, 3, padding=1, impl="winograd")
     assert not conv.uses_winograd((2, 256, 12, 12))    # 18 tiles x 256 channels
     assert conv.uses_winograd((2, 256, 32, 32))        # 128 tiles
-    assert conv.uses_winograd((8, 256, 14, 14))        # 128 tiles
+    assert not conv.uses_winograd((8, 256, 14, 14))    # 120 tiles on one canvas
+    assert conv.uses_winograd((10, 256, 14, 14))       # 152 tiles on one canvas
     calls = []
     monkeypatch.setattr(type(conv.winograd), "construct",
                         lambda self, x, w: calls.append(x.shape) or ops.zeros((1,)))
@@ -146,10 +150,20 @@ def test_winograd_maps_with_equal_tile_counts_keep_their_sizes():
         _assert_same(native, fast, (2, 4, side, side), rng)
 
 
+def test_winograd_canvas_layouts():
+    """Separate images unless a shared canvas has strictly fewer tiles."""
+    assert winograd.choose_canvas(2, 128, 128) == winograd.Canvas(1, 1, 2, 32, 32)
+    assert winograd.choose_canvas(1, 14, 14) == winograd.Canvas(1, 1, 1, 4, 4)
+    assert winograd.choose_canvas(7, 14, 14) == winograd.Canvas(1, 7, 1, 26, 4)   # 104 < 112
+    assert winograd.choose_canvas(17, 14, 14) == winograd.Canvas(3, 6, 1, 23, 11)  # 253 < 272
+    assert winograd.choose_canvas(128, 14, 14).tiles == 1771                      # 2048 apart
+    assert winograd.choose_canvas(600, 14, 14).tiles > winograd.TILE_CHUNK
+
+
 def test_winograd_tile_chunks():
     assert winograd.tile_chunks(1, 200, 180) == (winograd.TILE_CHUNK, 50 * 45 - winograd.TILE_CHUNK)
-    assert winograd.tile_chunks(256, 14, 14) == (winograd.TILE_CHUNK,) * 2
-    assert winograd.tile_chunks(2, 3, 5) == (4,)
+    assert winograd.tile_chunks(256, 14, 14) == (winograd.TILE_CHUNK, 3553 - winograd.TILE_CHUNK)
+    assert winograd.tile_chunks(2, 3, 5) == (3,)      # side by side: 11 columns, 3 tiles, not 4
 
 
 @pytest.mark.parametrize("kernel, stride, padding, groups", [

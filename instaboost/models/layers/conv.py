@@ -57,7 +57,7 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 from instaboost.models.layers.gemm import load_kernel, matmul
 from instaboost.models.layers.native_kernels import adjoint_pair_op, aot_op
-from instaboost.models.layers.winograd import OUTPUT_TILE, WinogradConvFunction
+from instaboost.models.layers.winograd import WinogradConvFunction, choose_canvas
 
 CONV_IMPLS = ("native", "unfold", "winograd")
 
@@ -753,8 +753,9 @@ class WinogradConv2d(UnfoldConv2d):
 
     Winograd pays off only with enough tiles: its weight-domain work (36 x O x C transformed
     weights and their gradient) does not shrink with the input, and MindSpore's BatchMatMul is
-    slow on a few columns. Inputs with fewer than ``min_tile_channels`` (4x4 output tiles of the
-    whole batch x input channels) run on the inherited unfold path instead, same parameters.
+    slow on a few columns. Inputs with fewer than ``min_tile_channels`` (Winograd tiles of the
+    whole batch, laid out by `choose_canvas`, x input channels) run on the inherited unfold
+    path instead, same parameters.
     Measured per call, fwd+bwd, Winograd vs unfold: (2, 256, 12, 12) 0.074 vs 0.019 s; (2, 256,
     32, 32) 0.036 vs 0.112 s; (2, 64, 48, 48) 0.028 vs 0.019 s; (2, 64, 128, 128) 0.052 vs
     0.163 s.
@@ -772,8 +773,7 @@ class WinogradConv2d(UnfoldConv2d):
     def uses_winograd(self, input_shape: Sequence[int]) -> bool:
         """Whether an input of this (N, C, H, W) shape runs as Winograd (else unfold)."""
         n, c, h, w = input_shape
-        tiles = n * (-(-h // OUTPUT_TILE)) * (-(-w // OUTPUT_TILE))
-        return tiles * c >= self.min_tile_channels
+        return choose_canvas(n, h, w).tiles * c >= self.min_tile_channels
 
     @staticmethod
     def supports(kernel_size: IntOrPair, stride: IntOrPair, padding: IntOrPair,
