@@ -1,12 +1,13 @@
-// Winograd F(4 x 4, 3 x 3) transforms for 3x3 convolutions with stride 1 and padding 1
-// (float32, NCHW), as MindSpore AOT custom-operator entry points for the CPU.
+// Winograd F(4 x 4, 3 x 3) and F(6 x 6, 3 x 3) transforms for 3x3 convolutions with stride 1
+// and padding 1 (float32, NCHW), as MindSpore AOT custom-operator entry points for the CPU.
 //
 // Why: on MindSpore 2.10's CPU backend a convolution is only as fast as its matrix products
-// (about 150-200 GFLOP/s on the 2-core project machine); Winograd's minimal filtering F(4, 3)
-// turns the 36 multiplies per output pixel of a 3x3 convolution into 36 per 4x4 output tile
-// (2.25 per pixel, 4x fewer on large maps). The products between transformed inputs and
-// transformed weights stay in MindSpore's BatchMatMul; these kernels do the memory-bound rest
-// in one pass each, which MindSpore's elementwise ops and copies cannot do fast enough.
+// (about 150-200 GFLOP/s on the 2-core project machine); Winograd's minimal filtering F(m, 3)
+// turns the 9 multiplies per output pixel and channel pair of a 3x3 convolution into (m+2)^2
+// per m x m output tile: 36 per 16 pixels with F4, 64 per 36 with F6 (winograd.py picks the
+// tiling per shape). The products between transformed inputs and transformed weights stay in
+// MindSpore's BatchMatMul; these kernels do the memory-bound rest in one pass each, which
+// MindSpore's elementwise ops and copies cannot do fast enough.
 //
 // Transformed tensors ("tile tensors") are split into chunks of at most `chunk_tiles` tiles,
 // one MindSpore tensor per chunk, each laid out (points = a*a, channels, tiles_in_chunk): one
@@ -20,11 +21,13 @@
 // by side on one canvas per channel, `columns` across and as many rows as needed, one zero
 // pixel between neighbours: that pixel is the padding of both, so the convolution of the canvas
 // is the convolution of every image, and the tiles cover the canvas instead of each image (14x14
-// RoIs, four across: 14.1 tiles each). `ChooseCanvas` takes the layout with the fewest tiles,
+// RoIs, three across: 13.8 F4 tiles each; two across: 6.25 F6 tiles, 400 products instead of
+// 576). `ChooseCanvas` takes the layout with the fewest tiles,
 // separate images (one canvas each) unless a shared canvas has strictly fewer; winograd.py
 // computes the same layout to size the tile tensors, and MakeGeometry rejects a mismatch.
 //
-// Entry points (params: inputs, then outputs, as MindSpore passes them):
+// Entry points (params: inputs, then outputs, as MindSpore passes them), the same six for F6
+// (WinogradF6Input, ...), a = m + 2:
 //   WinogradF4Input   (x (N,C,H,W))                -> V_0..V_{k-1} (a*a, C, tiles_k)
 //   WinogradF4Output  (x, M_0..M_{k-1} (a*a,O,.))  -> y (N, O, H, W)
 //   WinogradF4InputAdjoint  (x, dV_0..dV_{k-1})    -> dx (N, C, H, W)   (adjoint of Input)
@@ -35,7 +38,9 @@
 // convolution input x passed to Output and InputAdjoint is not read: MindSpore caches an AOT
 // op's output shape by its input shapes, and without x a 4x4 and a 2x2 map (one tile each)
 // would share the tile tensors' shapes and get the same output shape.
-// Matrices: Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016).
+// Matrices: Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016), the
+// Cook-Toom construction on the interpolation points named at each tiling (F6's checked in
+// tests/models/test_conv.py against the direct convolution, as F4's).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -45,9 +50,6 @@
 
 namespace {
 
-constexpr int kOut = 4;                 // m: output tile side
-constexpr int kIn = kOut + 2;           // a: input tile side (padding 1, kernel 3)
-constexpr int kPoints = kIn * kIn;
 // Tiles transformed together: the transforms run over this innermost axis in SIMD registers.
 constexpr int kLanes = 16;
 
@@ -65,36 +67,78 @@ constexpr Mat<C, R> Transpose(const Mat<R, C> &m) {
   return t;
 }
 
-struct BT {  // input transform: V = BT d BT^T
-  static constexpr Mat<kIn, kIn> m = {{{4, 0, -5, 0, 1, 0},
-                                       {0, -4, -4, 1, 1, 0},
-                                       {0, 4, -4, -1, 1, 0},
-                                       {0, -2, -1, 2, 1, 0},
-                                       {0, 2, -1, -2, 1, 0},
-                                       {0, 4, 0, -5, 0, 1}}};
+template <class M>
+struct Transposed {  // the adjoint of the transform M
+  static constexpr auto m = Transpose(M::m);
 };
-struct AT {  // output transform: Y = AT M AT^T
-  static constexpr Mat<kOut, kIn> m = {{{1, 1, 1, 1, 1, 0},
-                                        {0, 1, -1, 2, -2, 0},
-                                        {0, 1, 1, 4, 4, 0},
-                                        {0, 1, -1, 8, -8, 1}}};
+
+// F(m x m, 3 x 3): an m x m output tile from an a x a input tile, a = m + 2, with a*a products.
+// Per tile: V = BT d BT^T (input), U = G g G^T (weight), Y = AT M AT^T (output).
+template <int M>
+struct Tiling {
+  static constexpr int kOut = M;               // m: output tile side
+  static constexpr int kIn = M + 2;            // a: input tile side (padding 1, kernel 3)
+  static constexpr int kPoints = kIn * kIn;
 };
-struct BTt {  // adjoint of the input transform: dd = BT^T dV BT
-  static constexpr Mat<kIn, kIn> m = Transpose(BT::m);
+
+// Interpolation points 0, 1, -1, 2, -2 and infinity.
+struct F4 : Tiling<4> {
+  struct BT {
+    static constexpr Mat<kIn, kIn> m = {{{4, 0, -5, 0, 1, 0},
+                                         {0, -4, -4, 1, 1, 0},
+                                         {0, 4, -4, -1, 1, 0},
+                                         {0, -2, -1, 2, 1, 0},
+                                         {0, 2, -1, -2, 1, 0},
+                                         {0, 4, 0, -5, 0, 1}}};
+  };
+  struct AT {
+    static constexpr Mat<kOut, kIn> m = {{{1, 1, 1, 1, 1, 0},
+                                          {0, 1, -1, 2, -2, 0},
+                                          {0, 1, 1, 4, 4, 0},
+                                          {0, 1, -1, 8, -8, 1}}};
+  };
+  struct G {
+    static constexpr Mat<kIn, 3> m = {{{1.0f / 4, 0, 0},
+                                       {-1.0f / 6, -1.0f / 6, -1.0f / 6},
+                                       {-1.0f / 6, 1.0f / 6, -1.0f / 6},
+                                       {1.0f / 24, 1.0f / 12, 1.0f / 6},
+                                       {1.0f / 24, -1.0f / 12, 1.0f / 6},
+                                       {0, 0, 1}}};
+  };
 };
-struct ATt {  // adjoint of the output transform: dM = AT^T dY AT
-  static constexpr Mat<kIn, kOut> m = Transpose(AT::m);
-};
-struct G {  // weight transform: U = G g G^T
-  static constexpr Mat<kIn, 3> m = {{{1.0f / 4, 0, 0},
-                                     {-1.0f / 6, -1.0f / 6, -1.0f / 6},
-                                     {-1.0f / 6, 1.0f / 6, -1.0f / 6},
-                                     {1.0f / 24, 1.0f / 12, 1.0f / 6},
-                                     {1.0f / 24, -1.0f / 12, 1.0f / 6},
-                                     {0, 0, 1}}};
-};
-struct Gt {  // adjoint of the weight transform: dg = G^T dU G
-  static constexpr Mat<3, kIn> m = Transpose(G::m);
+
+// Interpolation points 0, 1, -1, 2, -2, 1/2, -1/2 and infinity (2.25 -> 1.78 products per
+// output pixel; its transforms amplify float32 rounding more than F4's, see winograd.py).
+struct F6 : Tiling<6> {
+  struct BT {
+    static constexpr Mat<kIn, kIn> m = {{{1, 0, -21.0f / 4, 0, 21.0f / 4, 0, -1, 0},
+                                         {0, 1, 1, -17.0f / 4, -17.0f / 4, 1, 1, 0},
+                                         {0, -1, 1, 17.0f / 4, -17.0f / 4, -1, 1, 0},
+                                         {0, 2, 4, -5.0f / 2, -5, 1.0f / 2, 1, 0},
+                                         {0, -2, 4, 5.0f / 2, -5, -1.0f / 2, 1, 0},
+                                         {0, 1.0f / 2, 1.0f / 4, -5.0f / 2, -5.0f / 4, 2, 1, 0},
+                                         {0, -1.0f / 2, 1.0f / 4, 5.0f / 2, -5.0f / 4, -2, 1, 0},
+                                         {0, -1, 0, 21.0f / 4, 0, -21.0f / 4, 0, 1}}};
+  };
+  struct AT {
+    static constexpr Mat<kOut, kIn> m = {
+        {{1, 1, 1, 1, 1, 1, 1, 0},
+         {0, 1, -1, 1.0f / 2, -1.0f / 2, 2, -2, 0},
+         {0, 1, 1, 1.0f / 4, 1.0f / 4, 4, 4, 0},
+         {0, 1, -1, 1.0f / 8, -1.0f / 8, 8, -8, 0},
+         {0, 1, 1, 1.0f / 16, 1.0f / 16, 16, 16, 0},
+         {0, 1, -1, 1.0f / 32, -1.0f / 32, 32, -32, 1}}};
+  };
+  struct G {
+    static constexpr Mat<kIn, 3> m = {{{1, 0, 0},
+                                       {-2.0f / 9, -2.0f / 9, -2.0f / 9},
+                                       {-2.0f / 9, 2.0f / 9, -2.0f / 9},
+                                       {32.0f / 45, 16.0f / 45, 8.0f / 45},
+                                       {32.0f / 45, -16.0f / 45, 8.0f / 45},
+                                       {1.0f / 90, 1.0f / 45, 2.0f / 45},
+                                       {1.0f / 90, -1.0f / 45, 2.0f / 45},
+                                       {0, 0, 1}}};
+  };
 };
 
 // out = L in R^T for every lane, L (R1 x K1), R (R2 x K2) compile-time constants: the loops
@@ -147,18 +191,19 @@ struct Canvas {
   int64_t Tiles() const { return count * tiles_y * tiles_x; }
 };
 
-Canvas ChooseCanvas(int64_t images, int64_t height, int64_t width) {
+// `tile`: the output tile side m.
+Canvas ChooseCanvas(int64_t images, int64_t height, int64_t width, int64_t tile) {
   Canvas best;  // separate images
   best.count = images;
-  best.tiles_y = CeilDiv(height, kOut);
-  best.tiles_x = CeilDiv(width, kOut);
+  best.tiles_y = CeilDiv(height, tile);
+  best.tiles_x = CeilDiv(width, tile);
   for (int64_t columns = 1; columns <= std::min(images, kMaxCanvasColumns); ++columns) {
     Canvas shared;
     shared.columns = columns;
     shared.rows = CeilDiv(images, columns);
     shared.count = 1;
-    shared.tiles_y = CeilDiv(shared.rows * (height + 1) - 1, kOut);
-    shared.tiles_x = CeilDiv(columns * (width + 1) - 1, kOut);
+    shared.tiles_y = CeilDiv(shared.rows * (height + 1) - 1, tile);
+    shared.tiles_x = CeilDiv(columns * (width + 1) - 1, tile);
     if (shared.Tiles() < best.Tiles()) best = shared;
   }
   return best;
@@ -167,14 +212,15 @@ Canvas ChooseCanvas(int64_t images, int64_t height, int64_t width) {
 // Geometry of one call: the NCHW tensor, its canvases and the chunked tile tensors.
 struct Geometry {
   int64_t images, channels, height, width;
+  int64_t tile;                  // output tile side m
   Canvas canvas;
   int64_t chunk_tiles;
   std::vector<float *> chunks;   // base pointer of each chunk
   std::vector<int64_t> widths;   // tiles in each chunk
 
   // Output rows and columns of one canvas, whole tiles.
-  int64_t TiledRows() const { return canvas.tiles_y * kOut; }
-  int64_t TiledColumns() const { return canvas.tiles_x * kOut; }
+  int64_t TiledRows() const { return canvas.tiles_y * tile; }
+  int64_t TiledColumns() const { return canvas.tiles_x * tile; }
   // The (image, channel) plane of an NCHW tensor.
   int64_t Plane(int64_t image, int64_t channel) const {
     return (image * channels + channel) * height * width;
@@ -192,7 +238,8 @@ struct Geometry {
   }
 };
 
-// Reads the geometry from MindSpore's params; returns false on malformed shapes.
+// Reads the geometry of F(W::kOut, 3) from MindSpore's params; false on malformed shapes.
+template <class W>
 bool MakeGeometry(int nparam, void **params, int *ndims, int64_t **shapes, int image_index,
                   int first_chunk, int num_chunks, Geometry *g) {
   if (num_chunks < 1 || image_index >= nparam || first_chunk + num_chunks > nparam) return false;
@@ -202,11 +249,12 @@ bool MakeGeometry(int nparam, void **params, int *ndims, int64_t **shapes, int i
   g->channels = s[1];
   g->height = s[2];
   g->width = s[3];
-  g->canvas = ChooseCanvas(g->images, g->height, g->width);
+  g->tile = W::kOut;
+  g->canvas = ChooseCanvas(g->images, g->height, g->width, W::kOut);
   int64_t total = 0;
   for (int k = 0; k < num_chunks; ++k) {
     const int index = first_chunk + k;
-    if (ndims[index] != 3 || shapes[index][0] != kPoints || shapes[index][1] != g->channels) {
+    if (ndims[index] != 3 || shapes[index][0] != W::kPoints || shapes[index][1] != g->channels) {
       return false;
     }
     g->chunks.push_back(static_cast<float *>(params[index]));
@@ -222,7 +270,7 @@ bool MakeGeometry(int nparam, void **params, int *ndims, int64_t **shapes, int i
 
 // Up to kLanes consecutive tiles of one plane that lie in one chunk: their columns are
 // contiguous there. `offset[lane]` is the top-left of each tile in a plane buffer whose rows are
-// `row` floats long and whose tiles start every kOut pixels (unused lanes repeat the last tile).
+// `row` floats long and whose tiles start every g.tile pixels (unused lanes repeat the last tile).
 struct Block {
   float *column;      // chunk column of the first tile, point 0
   int64_t point_stride;
@@ -248,7 +296,7 @@ void ForEachBlock(const Geometry &g, int64_t canvas, int64_t channel, int64_t ro
     b.point_stride = g.channels * g.widths[k];
     int64_t y = ty, x = tx;
     for (int lane = 0; lane < kLanes; ++lane) {
-      b.offset[lane] = y * kOut * row + x * kOut;
+      b.offset[lane] = (y * row + x) * g.tile;
       if (lane + 1 < b.count && ++x == tiles_x) {  // unused lanes repeat the last tile
         x = 0;
         ++y;
@@ -269,8 +317,10 @@ void ForEachBlock(const Geometry &g, int64_t canvas, int64_t channel, int64_t ro
 }
 
 // Loads the block's tile columns of all points (unused lanes repeat the last tile).
-inline void LoadColumns(const Block &b, float (&out)[kIn][kIn][kLanes]) {
-  for (int p = 0; p < kPoints; ++p) {
+template <class W>
+inline void LoadColumns(const Block &b, float (&out)[W::kIn][W::kIn][kLanes]) {
+  constexpr int kIn = W::kIn;
+  for (int p = 0; p < W::kPoints; ++p) {
     const float *src = b.column + p * b.point_stride;
     if (b.count == kLanes) {
       std::memcpy(out[p / kIn][p % kIn], src, sizeof(float) * kLanes);
@@ -282,9 +332,11 @@ inline void LoadColumns(const Block &b, float (&out)[kIn][kIn][kLanes]) {
   }
 }
 
+template <class W>
 int InputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
+  constexpr int kIn = W::kIn, kPoints = W::kPoints;
   Geometry g;
-  if (!MakeGeometry(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
+  if (!MakeGeometry<W>(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const int64_t row = g.TiledColumns() + 2, rows = g.TiledRows() + 2;
   const int64_t planes = g.canvas.count * g.channels;
@@ -311,7 +363,7 @@ int InputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
             }
           }
         }
-        Transform2D<BT, BT>(d, v);
+        Transform2D<typename W::BT, typename W::BT>(d, v);
         for (int p = 0; p < kPoints; ++p) {
           float *dst = b.column + p * b.point_stride;
           for (int lane = 0; lane < b.count; ++lane) dst[lane] = v[p / kIn][p % kIn][lane];
@@ -322,10 +374,12 @@ int InputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
   return 0;
 }
 
+template <class W>
 int OutputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
+  constexpr int kIn = W::kIn, kOut = W::kOut;
   Geometry g;
   const int image_index = nparam - 1;  // params[0] only carries the input's shape (see above)
-  if (!MakeGeometry(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
+  if (!MakeGeometry<W>(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
   float *y = static_cast<float *>(params[image_index]);
   const int64_t row = g.TiledColumns(), rows = g.TiledRows();
   const int64_t planes = g.canvas.count * g.channels;
@@ -337,8 +391,8 @@ int OutputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
     for (int64_t plane = 0; plane < planes; ++plane) {
       const int64_t canvas = plane / g.channels, channel = plane % g.channels;
       ForEachBlock(g, canvas, channel, row, [&](const Block &b) {
-        LoadColumns(b, mm);
-        Transform2D<AT, AT>(mm, out);
+        LoadColumns<W>(b, mm);
+        Transform2D<typename W::AT, typename W::AT>(mm, out);
         for (int lane = 0; lane < b.count; ++lane) {
           for (int i = 0; i < kOut; ++i) {
             for (int j = 0; j < kOut; ++j) tiled[b.offset[lane] + i * row + j] = out[i][j][lane];
@@ -357,10 +411,12 @@ int OutputTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
   return 0;
 }
 
+template <class W>
 int InputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
+  constexpr int kIn = W::kIn;
   Geometry g;
   const int image_index = nparam - 1;  // params[0] only carries the input's shape (see above)
-  if (!MakeGeometry(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
+  if (!MakeGeometry<W>(nparam, params, ndims, shapes, image_index, 1, nparam - 2, &g)) return 1;
   float *dx = static_cast<float *>(params[image_index]);
   const int64_t row = g.TiledColumns() + 2, rows = g.TiledRows() + 2;
   const int64_t planes = g.canvas.count * g.channels;
@@ -373,8 +429,8 @@ int InputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
       const int64_t canvas = plane / g.channels, channel = plane % g.channels;
       std::fill(padded.begin(), padded.end(), 0.0f);
       ForEachBlock(g, canvas, channel, row, [&](const Block &b) {
-        LoadColumns(b, dv);
-        Transform2D<BTt, BTt>(dv, dd);
+        LoadColumns<W>(b, dv);
+        Transform2D<Transposed<typename W::BT>, Transposed<typename W::BT>>(dv, dd);
         // Neighbouring tiles overlap by two pixels: accumulate one tile at a time.
         for (int lane = 0; lane < b.count; ++lane) {
           for (int i = 0; i < kIn; ++i) {
@@ -395,9 +451,11 @@ int InputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
   return 0;
 }
 
+template <class W>
 int OutputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
+  constexpr int kIn = W::kIn, kOut = W::kOut, kPoints = W::kPoints;
   Geometry g;
-  if (!MakeGeometry(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
+  if (!MakeGeometry<W>(nparam, params, ndims, shapes, 0, 1, nparam - 1, &g)) return 1;
   const float *dy = static_cast<const float *>(params[0]);
   const int64_t row = g.TiledColumns(), rows = g.TiledRows();
   const int64_t planes = g.canvas.count * g.channels;
@@ -426,7 +484,7 @@ int OutputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
             }
           }
         }
-        Transform2D<ATt, ATt>(dout, dm);
+        Transform2D<Transposed<typename W::AT>, Transposed<typename W::AT>>(dout, dm);
         for (int p = 0; p < kPoints; ++p) {
           float *dst = b.column + p * b.point_stride;
           for (int lane = 0; lane < b.count; ++lane) dst[lane] = dm[p / kIn][p % kIn][lane];
@@ -441,9 +499,9 @@ int OutputAdjoint(int nparam, void **params, int *ndims, int64_t **shapes) {
 // Lanes are kLanes consecutive (o, c) filters: a point's values are then contiguous in U.
 // (MindSpore's MatMul of the (36, 9) transform by (O*C, 9)^T ran 11 ms for a 512x512 weight,
 // and the RPN head transforms its one weight once per pyramid level.)
-template <bool kAdjoint>
+template <class W, bool kAdjoint>
 int WeightTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
-  constexpr int kTaps = 9;
+  constexpr int kIn = W::kIn, kPoints = W::kPoints, kTaps = 9;
   const int filters_index = kAdjoint ? 1 : 0, points_index = kAdjoint ? 0 : 1;
   if (nparam != 2 || ndims[filters_index] != 4 || ndims[points_index] != 3) return 1;
   const int64_t *f = shapes[filters_index], *u = shapes[points_index];
@@ -463,7 +521,7 @@ int WeightTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
             g[k / 3][k % 3][lane] = filters[(first + std::min(lane, lanes - 1)) * kTaps + k];
           }
         }
-        Transform2D<G, G>(g, v);
+        Transform2D<typename W::G, typename W::G>(g, v);
         for (int p = 0; p < kPoints; ++p) {
           std::memcpy(points + p * count + first, v[p / kIn][p % kIn], sizeof(float) * lanes);
         }
@@ -473,7 +531,7 @@ int WeightTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
             v[p / kIn][p % kIn][lane] = points[p * count + first + std::min(lane, lanes - 1)];
           }
         }
-        Transform2D<Gt, Gt>(v, g);
+        Transform2D<Transposed<typename W::G>, Transposed<typename W::G>>(v, g);
         for (int lane = 0; lane < lanes; ++lane) {
           for (int k = 0; k < kTaps; ++k) {
             filters[(first + lane) * kTaps + k] = g[k / 3][k % 3][lane];
@@ -487,9 +545,14 @@ int WeightTransform(int nparam, void **params, int *ndims, int64_t **shapes) {
 
 }  // namespace
 
-AOT_ENTRY_FLOAT32(WinogradF4Input, InputTransform)
-AOT_ENTRY_FLOAT32(WinogradF4Output, OutputTransform)
-AOT_ENTRY_FLOAT32(WinogradF4InputAdjoint, InputAdjoint)
-AOT_ENTRY_FLOAT32(WinogradF4OutputAdjoint, OutputAdjoint)
-AOT_ENTRY_FLOAT32(WinogradF4Weight, WeightTransform<false>)
-AOT_ENTRY_FLOAT32(WinogradF4WeightAdjoint, WeightTransform<true>)
+// One set of entry points per tiling: WinogradF4* and WinogradF6*.
+#define WINOGRAD_ENTRY_POINTS(TILING)                                                     \
+  AOT_ENTRY_FLOAT32(Winograd##TILING##Input, InputTransform<TILING>)                       \
+  AOT_ENTRY_FLOAT32(Winograd##TILING##Output, OutputTransform<TILING>)                     \
+  AOT_ENTRY_FLOAT32(Winograd##TILING##InputAdjoint, InputAdjoint<TILING>)                  \
+  AOT_ENTRY_FLOAT32(Winograd##TILING##OutputAdjoint, OutputAdjoint<TILING>)                \
+  AOT_ENTRY_FLOAT32(Winograd##TILING##Weight, (WeightTransform<TILING, false>))            \
+  AOT_ENTRY_FLOAT32(Winograd##TILING##WeightAdjoint, (WeightTransform<TILING, true>))
+
+WINOGRAD_ENTRY_POINTS(F4)
+WINOGRAD_ENTRY_POINTS(F6)

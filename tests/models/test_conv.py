@@ -108,9 +108,19 @@ WINOGRAD_CASES = [
 ]
 
 
+@pytest.fixture(params=winograd.TILINGS, ids=lambda tiling: tiling.name)
+def only_tiling(request, monkeypatch):
+    """Every Winograd convolution of the test runs with this one tiling."""
+    monkeypatch.setattr(winograd, "TILINGS", (request.param,))
+    winograd.transform_ops.cache_clear()
+    yield request.param
+    winograd.transform_ops.cache_clear()
+
+
 @pytest.mark.parametrize("cin, cout, bias, shape", WINOGRAD_CASES)
-def test_winograd_matches_native(cin, cout, bias, shape):
-    assert winograd.tile_chunks(shape[0], shape[2], shape[3])[0] <= winograd.TILE_CHUNK
+def test_winograd_matches_native(cin, cout, bias, shape, only_tiling):
+    layout = winograd.choose_layout(shape[0], shape[2], shape[3])
+    assert layout.tiling == only_tiling and layout.chunks[0] <= winograd.TILE_CHUNK
     rng = np.random.default_rng(SEED)
     native = build_conv2d(cin, cout, 3, padding=1, has_bias=bias, impl="native")
     fast = _winograd_always(build_conv2d(cin, cout, 3, padding=1, has_bias=bias,
@@ -121,16 +131,17 @@ def test_winograd_matches_native(cin, cout, bias, shape):
 def _winograd_always(conv):
     """`conv` with its small-input fallback to unfold switched off (tests use tiny inputs)."""
     assert isinstance(conv, WinogradConv2d)
-    conv.min_tile_channels = 0
+    conv.min_point_channels = 0
     return conv
 
 
 def test_winograd_conv_falls_back_to_unfold_on_small_inputs(monkeypatch):
     conv = build_conv2d(256, 8, 3, padding=1, impl="winograd")
-    assert not conv.uses_winograd((2, 256, 12, 12))    # 18 tiles x 256 channels
-    assert conv.uses_winograd((2, 256, 32, 32))        # 128 tiles
-    assert not conv.uses_winograd((8, 256, 14, 14))    # 120 tiles on one canvas
-    assert conv.uses_winograd((10, 256, 14, 14))       # 152 tiles on one canvas
+    # products per channel pair x 256 channels, F6 tiles of 64 products each:
+    assert not conv.uses_winograd((2, 256, 12, 12))    # 8 tiles
+    assert conv.uses_winograd((2, 256, 32, 32))        # 66 tiles
+    assert not conv.uses_winograd((8, 256, 14, 14))    # 50 tiles on one canvas
+    assert conv.uses_winograd((9, 256, 14, 14))        # 64 tiles on one canvas
     calls = []
     monkeypatch.setattr(type(conv.winograd), "construct",
                         lambda self, x, w: calls.append(x.shape) or ops.zeros((1,)))
@@ -140,7 +151,7 @@ def test_winograd_conv_falls_back_to_unfold_on_small_inputs(monkeypatch):
     assert not calls
 
 
-def test_winograd_maps_with_equal_tile_counts_keep_their_sizes():
+def test_winograd_maps_with_equal_tile_counts_keep_their_sizes(only_tiling):
     """4x4, 2x2 and 3x3 maps are one tile each: the same tile tensors, different outputs (as the
     RPN head sees P5 and P6). MindSpore caches AOT output shapes by input shapes."""
     rng = np.random.default_rng(SEED)
@@ -150,20 +161,29 @@ def test_winograd_maps_with_equal_tile_counts_keep_their_sizes():
         _assert_same(native, fast, (2, 4, side, side), rng)
 
 
-def test_winograd_canvas_layouts():
-    """Separate images unless a shared canvas has strictly fewer tiles."""
+def test_winograd_layouts():
+    """Separate images unless a shared canvas has strictly fewer tiles; the tiling with fewer
+    products, F4 on a tie."""
     assert winograd.choose_canvas(2, 128, 128) == winograd.Canvas(1, 1, 2, 32, 32)
     assert winograd.choose_canvas(1, 14, 14) == winograd.Canvas(1, 1, 1, 4, 4)
     assert winograd.choose_canvas(7, 14, 14) == winograd.Canvas(1, 7, 1, 26, 4)   # 104 < 112
     assert winograd.choose_canvas(17, 14, 14) == winograd.Canvas(3, 6, 1, 23, 11)  # 253 < 272
     assert winograd.choose_canvas(128, 14, 14).tiles == 1771                      # 2048 apart
     assert winograd.choose_canvas(600, 14, 14).tiles > winograd.TILE_CHUNK
+    F4, F6 = winograd.F4, winograd.F6
+    assert winograd.choose_canvas(128, 14, 14, F6) == winograd.Canvas(2, 64, 1, 160, 5)
+    assert [winograd.choose_layout(2, side, side).tiling for side in (128, 64, 32, 16, 8)] == \
+        [F6, F6, F6, F4, F4]                          # 16x16: 9 x 64 = 16 x 36 products
+    assert winograd.choose_layout(128, 14, 14) == \
+        winograd.Layout(F6, winograd.choose_canvas(128, 14, 14, F6))   # 800 x 64 < 1771 x 36
 
 
 def test_winograd_tile_chunks():
-    assert winograd.tile_chunks(1, 200, 180) == (winograd.TILE_CHUNK, 50 * 45 - winograd.TILE_CHUNK)
-    assert winograd.tile_chunks(256, 14, 14) == (winograd.TILE_CHUNK, 3553 - winograd.TILE_CHUNK)
-    assert winograd.tile_chunks(2, 3, 5) == (3,)      # side by side: 11 columns, 3 tiles, not 4
+    def chunks(batch, height, width):
+        return winograd.Layout(winograd.F4, winograd.choose_canvas(batch, height, width)).chunks
+    assert chunks(1, 200, 180) == (winograd.TILE_CHUNK, 50 * 45 - winograd.TILE_CHUNK)
+    assert chunks(256, 14, 14) == (winograd.TILE_CHUNK, 3553 - winograd.TILE_CHUNK)
+    assert chunks(2, 3, 5) == (3,)      # side by side: 11 columns, 3 tiles, not 4
 
 
 @pytest.mark.parametrize("kernel, stride, padding, groups", [

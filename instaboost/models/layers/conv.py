@@ -57,7 +57,7 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 from instaboost.models.layers.gemm import load_kernel, matmul
 from instaboost.models.layers.native_kernels import adjoint_pair_op, aot_op
-from instaboost.models.layers.winograd import WinogradConvFunction, choose_canvas
+from instaboost.models.layers.winograd import WinogradConvFunction, choose_layout
 
 CONV_IMPLS = ("native", "unfold", "winograd")
 
@@ -746,39 +746,42 @@ class UnfoldDeconv2x2(nn.Cell):
 
 
 class WinogradConv2d(UnfoldConv2d):
-    """3x3 convolution, stride 1, padding 1, groups 1, by Winograd F(4x4, 3x3) (see winograd.py).
+    """3x3 convolution, stride 1, padding 1, groups 1, by Winograd F(4x4, 3x3) or F(6x6, 3x3),
+    whichever needs fewer products for the input's shape (see winograd.py).
 
     Same parameters as `UnfoldConv2d` / ``nn.Conv2d``: ``weight`` float32 (O, C, 3, 3), ``bias``
     float32 (O,) when has_bias. Input float32 (N, C, H, W) -> output float32 (N, O, H, W).
 
-    Winograd pays off only with enough tiles: its weight-domain work (36 x O x C transformed
+    Winograd pays off only with enough tiles: its weight-domain work (36 or 64 x O x C transformed
     weights and their gradient) does not shrink with the input, and MindSpore's BatchMatMul is
-    slow on a few columns. Inputs with fewer than ``min_tile_channels`` (Winograd tiles of the
-    whole batch, laid out by `choose_canvas`, x input channels) run on the inherited unfold
-    path instead, same parameters.
+    slow on a few columns. Inputs with fewer than ``min_point_channels`` (products per channel
+    pair of the whole batch, see `choose_layout`, x input channels; 36 per F4 tile) run on the
+    inherited unfold path instead, same parameters.
     Measured per call, fwd+bwd, Winograd vs unfold: (2, 256, 12, 12) 0.074 vs 0.019 s; (2, 256,
     32, 32) 0.036 vs 0.112 s; (2, 64, 48, 48) 0.028 vs 0.019 s; (2, 64, 128, 128) 0.052 vs
     0.163 s.
     """
 
     KERNEL = (3, 3)
-    MIN_TILE_CHANNELS = 32768
+    # Between the measured (2, 64, 48, 48), 663,552 F4 products x channels, where unfold is
+    # faster, and (2, 256, 32, 32), 1,179,648, where Winograd is (figures above).
+    MIN_POINT_CHANNELS = 1_000_000
 
     def __init__(self, in_channels: int, out_channels: int, *, has_bias: bool = False):
         super().__init__(in_channels, out_channels, self.KERNEL, padding=1, has_bias=has_bias,
                          matmul_impl="kernel")
         self.winograd = WinogradConvFunction()
-        self.min_tile_channels = self.MIN_TILE_CHANNELS
+        self.min_point_channels = self.MIN_POINT_CHANNELS
 
     def uses_winograd(self, input_shape: Sequence[int]) -> bool:
         """Whether an input of this (N, C, H, W) shape runs as Winograd (else unfold)."""
         n, c, h, w = input_shape
-        return choose_canvas(n, h, w).tiles * c >= self.min_tile_channels
+        return choose_layout(n, h, w).products * c >= self.min_point_channels
 
     @staticmethod
     def supports(kernel_size: IntOrPair, stride: IntOrPair, padding: IntOrPair,
                  groups: int) -> bool:
-        """Whether a convolution with these settings can run as Winograd F(4, 3)."""
+        """Whether a convolution with these settings can run as Winograd."""
         return (_pair(kernel_size, "kernel_size") == WinogradConv2d.KERNEL
                 and _pair(stride, "stride") == (1, 1) and _pair(padding, "padding") == (1, 1)
                 and groups == 1)
@@ -789,7 +792,7 @@ class WinogradConv2d(UnfoldConv2d):
         return super().convolve(x)
 
     def extend_repr(self) -> str:
-        return f"{super().extend_repr()}, winograd=F(4x4,3x3)"
+        return f"{super().extend_repr()}, winograd=F(4x4|6x6,3x3)"
 
 
 def disable_input_grad(conv: nn.Cell) -> nn.Cell:

@@ -1,13 +1,18 @@
-"""3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(4x4, 3x3) on the CPU.
+"""3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering on the CPU.
 
-A 3x3 convolution costs 9 multiply-adds per output pixel and channel pair; F(4, 3) computes a
-4x4 output tile from a 6x6 input tile with 36, i.e. 2.25 per pixel (4x fewer on large maps;
-the mask head's 14x14 RoIs overhang their tiles and share them on a canvas, see
-`choose_canvas`: 3.5x fewer). Per batch:
+A 3x3 convolution costs 9 multiply-adds per output pixel and channel pair. F(m x m, 3 x 3)
+computes an m x m output tile from an a x a input tile, a = m + 2, with a² products: F4 (m = 4)
+36 per 16 pixels, 2.25 per pixel; F6 (m = 6) 64 per 36 pixels, 1.78 per pixel. Maps that are
+not a multiple of m overhang their last tiles; `choose_layout` takes, per input shape, the
+tiling with fewer products: F6 on the detector's 128², 64² and 32² maps (18%, 16% and 8% fewer
+than F4), F4 on 16² and smaller. Small maps, such as the mask head's 14x14 RoIs, are laid side
+by side on one canvas with one zero pixel between them (`choose_canvas`): 128 RoIs are 800 F6
+tiles, 51,200 products per channel pair, where 2,048 F4 tiles, one 16x16 block per RoI, were
+73,728 (-31%). Per batch:
 
-    V[p] (C, tiles) = input transform  Bᵀ d B of every 6x6 tile d of x     (C++ kernel)
+    V[p] (C, tiles) = input transform  Bᵀ d B of every a x a tile d of x    (C++ kernel)
     U[p] (O, C)     = weight transform G g Gᵀ of every 3x3 filter g        (C++ kernel)
-    M[p] (O, tiles) = U[p] · V[p] for the 36 points p                       (BatchMatMul)
+    M[p] (O, tiles) = U[p] · V[p] for the a² points p                       (BatchMatMul)
     y               = output transform Aᵀ M A of every tile, cropped        (C++ kernel)
 
 The backward pass is the exact adjoint: ``dM = A dY Aᵀ``, ``dU[p] = dM[p] · V[p]ᵀ``,
@@ -16,13 +21,15 @@ The backward pass is the exact adjoint: ``dM = A dY Aᵀ``, ``dU[p] = dM[p] · V
 
 The tile tensors are split into chunks of at most `TILE_CHUNK` tiles, one MindSpore tensor per
 chunk: MindSpore 2.10's CPU BatchMatMul runs at 160-190 GFLOP/s on (36, 256, 256) x (36, 256,
-2048) here but about 100 at 12,544 columns, and concatenating or slicing the large tensors
-copies at a few hundred MB/s. The transforms are the C++ kernels of
-``kernels/cpu/winograd_conv3x3.cc``, called as MindSpore AOT custom operators; everything is
-float32 NCHW. Results match the direct convolution to float32 rounding (about 1e-6 relative,
-Winograd's transforms add a little error of their own). The products stay float32 under
+2048) here (about 200 on (64, 256, 256) x (64, 256, 800-2048)) but about 100 at 12,544
+columns, and concatenating or slicing the large tensors copies at a few hundred MB/s. The
+transforms are the C++ kernels of ``kernels/cpu/winograd_conv3x3.cc``, called as MindSpore AOT
+custom operators; everything is float32 NCHW. Results match the direct convolution to float32
+rounding plus the transforms' own error, measured against a float64 direct convolution with
+256 input channels: RMS relative error 3.2e-6 with F4, 6.0e-6 with F6, 2.9e-7 for a float32
+direct convolution (max 1.1e-5 / 2.1e-5). The products stay float32 under
 ``hardware.matmul_precision=bfloat16``: the transforms amplify rounding errors, and bfloat16
-operands gave 2.5e-2 RMS relative error here (2.4e-3 for a direct convolution), for a step
+operands gave 2.5e-2 RMS relative error with F4 (2.4e-3 for a direct convolution), for a step
 only about 0.2 s faster at 512² (measured).
 """
 from __future__ import annotations
@@ -35,15 +42,28 @@ from mindspore import Tensor, nn, ops
 
 from instaboost.models.layers.native_kernels import aot_op, kernel_library
 
-OUTPUT_TILE = 4                       # m of F(m, 3)
-INPUT_TILE = OUTPUT_TILE + 2          # a = m + r - 1
-POINTS = INPUT_TILE * INPUT_TILE      # 36 products per tile
 # Tiles per BatchMatMul (see the module docstring for the measurement behind it).
 TILE_CHUNK = 2048
 # Most images across one canvas (kMaxCanvasColumns of the kernel source).
 MAX_CANVAS_COLUMNS = 8
 _LIBRARY = "winograd_conv3x3"
 _OP_CACHE_SIZE = 256
+
+
+class Tiling(NamedTuple):
+    """F(m x m, 3 x 3): m x m output tiles from (m + 2) x (m + 2) input tiles, one product each."""
+
+    name: str            # prefix of the kernel's entry points
+    output_tile: int     # m
+
+    @property
+    def points(self) -> int:
+        return (self.output_tile + 2) ** 2
+
+
+F4 = Tiling("F4", 4)
+F6 = Tiling("F6", 6)
+TILINGS = (F4, F6)
 
 
 class Canvas(NamedTuple):
@@ -60,26 +80,44 @@ class Canvas(NamedTuple):
         return self.count * self.tiles_y * self.tiles_x
 
 
-def choose_canvas(batch: int, height: int, width: int) -> Canvas:
-    """The kernel's layout (``ChooseCanvas`` in kernels/cpu/winograd_conv3x3.cc, which rejects
+class Layout(NamedTuple):
+    """The tiling and canvas of one input shape, and the tiles of each BatchMatMul chunk."""
+
+    tiling: Tiling
+    canvas: Canvas
+
+    @property
+    def chunks(self) -> Tuple[int, ...]:
+        full, rest = divmod(self.canvas.tiles, TILE_CHUNK)
+        return (TILE_CHUNK,) * full + ((rest,) if rest else ())
+
+    @property
+    def products(self) -> int:
+        """Products per (input channel, output channel) pair."""
+        return self.canvas.tiles * self.tiling.points
+
+
+def choose_canvas(batch: int, height: int, width: int, tiling: Tiling = F4) -> Canvas:
+    """The kernel's canvas (``ChooseCanvas`` in kernels/cpu/winograd_conv3x3.cc, which rejects
     tile tensors sized for another): separate images, unless laying them side by side on one
     canvas, one zero pixel apart, needs strictly fewer tiles. Small maps overhang their tiles:
-    a 14x14 RoI alone is 16 tiles (16x16 outputs), four across a canvas 14.1."""
-    best = Canvas(1, 1, batch, -(-height // OUTPUT_TILE), -(-width // OUTPUT_TILE))
+    a 14x14 RoI alone is 16 F4 tiles (16x16 outputs), three across a canvas 13.8."""
+    m = tiling.output_tile
+    best = Canvas(1, 1, batch, -(-height // m), -(-width // m))
     for columns in range(1, min(batch, MAX_CANVAS_COLUMNS) + 1):
         rows = -(-batch // columns)
-        shared = Canvas(columns, rows, 1, -(-(rows * (height + 1) - 1) // OUTPUT_TILE),
-                        -(-(columns * (width + 1) - 1) // OUTPUT_TILE))
+        shared = Canvas(columns, rows, 1, -(-(rows * (height + 1) - 1) // m),
+                        -(-(columns * (width + 1) - 1) // m))
         if shared.tiles < best.tiles:
             best = shared
     return best
 
 
-def tile_chunks(batch: int, height: int, width: int) -> Tuple[int, ...]:
-    """Tiles in each chunk of a (batch, ., height, width) input; all but the last are full."""
-    tiles = choose_canvas(batch, height, width).tiles
-    full, rest = divmod(tiles, TILE_CHUNK)
-    return (TILE_CHUNK,) * full + ((rest,) if rest else ())
+def choose_layout(batch: int, height: int, width: int) -> Layout:
+    """The tiling with the fewest products for this shape (F4 on a tie: its transforms are
+    cheaper and more accurate), on its best canvas."""
+    layouts = [Layout(tiling, choose_canvas(batch, height, width, tiling)) for tiling in TILINGS]
+    return min(layouts, key=lambda layout: layout.products)
 
 
 class _TransformOps(NamedTuple):
@@ -89,6 +127,8 @@ class _TransformOps(NamedTuple):
     output: ops.Custom           # (x, M_0, ..., M_k) -> y        (x only for its shape)
     input_adjoint: ops.Custom    # (x, dV_0, ..., dV_k) -> dx     (x only for its shape)
     output_adjoint: ops.Custom   # dy -> (dM_0, ..., dM_k)
+    weight: ops.Custom           # g (O, C, 3, 3) -> U (points, O, C)
+    weight_adjoint: ops.Custom   # dU -> dg
 
 
 def _custom(function: str, shapes: List[Tuple[int, ...]]) -> ops.Custom:
@@ -105,25 +145,30 @@ def _custom(function: str, shapes: List[Tuple[int, ...]]) -> ops.Custom:
 
 
 @functools.lru_cache(maxsize=None)
-def weight_ops() -> Tuple[ops.Custom, ops.Custom]:
-    """(G g Gᵀ: (O, C, 3, 3) -> U (36, O, C), its adjoint: dU -> dg (O, C, 3, 3))."""
-    return (aot_op(_LIBRARY, "WinogradF4Weight", lambda g: (POINTS, g[0], g[1]), lambda d: d),
-            aot_op(_LIBRARY, "WinogradF4WeightAdjoint", lambda u: (u[1], u[2], 3, 3),
-                   lambda d: d))
+def weight_ops(tiling: Tiling) -> Tuple[ops.Custom, ops.Custom]:
+    """(G g Gᵀ: (O, C, 3, 3) -> U (points, O, C), its adjoint: dU -> dg (O, C, 3, 3))."""
+    points = tiling.points
+    return (aot_op(_LIBRARY, f"Winograd{tiling.name}Weight", lambda g: (points, g[0], g[1]),
+                   lambda d: d),
+            aot_op(_LIBRARY, f"Winograd{tiling.name}WeightAdjoint",
+                   lambda u: (u[1], u[2], 3, 3), lambda d: d))
 
 
 @functools.lru_cache(maxsize=_OP_CACHE_SIZE)
 def transform_ops(batch: int, in_channels: int, out_channels: int, height: int,
                   width: int) -> _TransformOps:
-    """The four transform operators for inputs (batch, in_channels, height, width)."""
-    chunks = tile_chunks(batch, height, width)
-    input_chunks = [(POINTS, in_channels, tiles) for tiles in chunks]
-    output_chunks = [(POINTS, out_channels, tiles) for tiles in chunks]
+    """The transform operators for inputs (batch, in_channels, height, width)."""
+    layout = choose_layout(batch, height, width)
+    points, prefix = layout.tiling.points, "Winograd" + layout.tiling.name
+    weight, weight_adjoint = weight_ops(layout.tiling)
+    input_chunks = [(points, in_channels, tiles) for tiles in layout.chunks]
+    output_chunks = [(points, out_channels, tiles) for tiles in layout.chunks]
     return _TransformOps(
-        input=_custom("WinogradF4Input", input_chunks),
-        output=_custom("WinogradF4Output", [(batch, out_channels, height, width)]),
-        input_adjoint=_custom("WinogradF4InputAdjoint", [(batch, in_channels, height, width)]),
-        output_adjoint=_custom("WinogradF4OutputAdjoint", output_chunks))
+        input=_custom(prefix + "Input", input_chunks),
+        output=_custom(prefix + "Output", [(batch, out_channels, height, width)]),
+        input_adjoint=_custom(prefix + "InputAdjoint", [(batch, in_channels, height, width)]),
+        output_adjoint=_custom(prefix + "OutputAdjoint", output_chunks),
+        weight=weight, weight_adjoint=weight_adjoint)
 
 
 def _as_tuple(result) -> Tuple[Tensor, ...]:
@@ -139,7 +184,6 @@ class WinogradConvFunction(nn.Cell):
     def __init__(self):
         super().__init__()
         kernel_library(_LIBRARY)  # build (or find) the C++ kernels now: errors surface at build
-        self.weight_transform, self.weight_adjoint = weight_ops()
 
     def _ops(self, x: Tensor, weight: Tensor) -> _TransformOps:
         n, c, h, w = x.shape
@@ -147,13 +191,13 @@ class WinogradConvFunction(nn.Cell):
 
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
         transforms = self._ops(x, weight)
-        u = self.weight_transform(weight)
+        u = transforms.weight(weight)
         products = [ops.BatchMatMul()(u, v) for v in _as_tuple(transforms.input(x))]
         return transforms.output(x, *products)
 
     def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
         transforms = self._ops(x, weight)
-        u = self.weight_transform(weight)
+        u = transforms.weight(weight)
         dproducts = _as_tuple(transforms.output_adjoint(dout))
         inputs = _as_tuple(transforms.input(x))
         du = None
@@ -163,4 +207,4 @@ class WinogradConvFunction(nn.Cell):
             du = part if du is None else du + part
             dinputs.append(ops.BatchMatMul(transpose_a=True)(u, dm))         # (36, C, tiles)
         dx = transforms.input_adjoint(x, *dinputs)
-        return dx, self.weight_adjoint(du)
+        return dx, transforms.weight_adjoint(du)
