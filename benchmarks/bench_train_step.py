@@ -4,8 +4,9 @@
         [--native-step estimate|measure|skip] [--threads N] [--override backbone.norm=frozen_bn ...]
 
 One run builds the detector from ``conf/`` (``detector=mask_rcnn``, ``backbone=resnet50``, COCO's
-80 classes) once per convolution implementation (``winograd``: F(4x4, 3x3) for the 3x3 stride-1
-convolutions, unfold on the C++ matmul kernel for the rest; ``winograd_bf16``: the same with
+80 classes) once per convolution implementation (``winograd``: Winograd F(4x4, 3x3) or F(6x6,
+3x3), by shape, for the 3x3 stride-1 convolutions, unfold on the C++ matmul kernel for the
+rest; ``winograd_bf16``: the same with
 ``hardware.matmul_precision=bfloat16``, the kernel's products on bfloat16-rounded operands;
 ``unfold``: im2col + MindSpore matmul everywhere; ``native``: MindSpore's kernels), on a synthetic batch that follows the batch contract (``--batch`` images of
 ``--size``², ``--objects`` instances each), and reports:
@@ -16,7 +17,7 @@ convolutions, unfold on the C++ matmul kernel for the rest; ``winograd_bf16``: t
    built as the train task builds it in PyNative mode: the mask head runs on the sampled
    positives (``mask_head_rois`` in the JSON) and the assigners on the occupied GT slots;
    ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes). The steps
-   train (lr 0.02), so the positives -- the mask head's workload, about 15 ms per RoI fwd+bwd
+   train (lr 0.02), so the positives -- the mask head's workload, about 8 ms per RoI fwd+bwd
    at 512² -- grow from step to step as the RPN learns: the RoIs of each timed step are
    printed and in the JSON (``mask_head_rois_timed_<impl>``); compare steps at equal RoIs.
    MindSpore's native CPU convolutions run at about 1 GFLOP/s, so a native step at 512² takes
