@@ -12,7 +12,7 @@ tiles, 51,200 products per channel pair, where 2,048 F4 tiles, one 16x16 block p
 
     V[p] (C, tiles) = input transform  Bᵀ d B of every a x a tile d of x    (C++ kernel)
     U[p] (O, C)     = weight transform G g Gᵀ of every 3x3 filter g        (C++ kernel)
-    M[p] (O, tiles) = U[p] · V[p] for the a² points p                       (BatchMatMul)
+    M[p] (O, tiles) = U[p] · V[p] for the a² points p               (C++ matmul, float32)
     y               = output transform Aᵀ M A of every tile, cropped        (C++ kernel)
 
 The backward pass is the exact adjoint: ``dM = A dY Aᵀ``, ``dU[p] = dM[p] · V[p]ᵀ``,
@@ -20,17 +20,21 @@ The backward pass is the exact adjoint: ``dM = A dY Aᵀ``, ``dU[p] = dM[p] · V
 ``dg = Gᵀ dU G``. V is recomputed in the backward pass instead of being kept alive.
 
 The tile tensors are split into chunks of at most `TILE_CHUNK` tiles, one MindSpore tensor per
-chunk: MindSpore 2.10's CPU BatchMatMul runs at 160-190 GFLOP/s on (36, 256, 256) x (36, 256,
-2048) here (about 200 on (64, 256, 256) x (64, 256, 800-2048)) but about 100 at 12,544
-columns, and concatenating or slicing the large tensors copies at a few hundred MB/s. The
-transforms are the C++ kernels of ``kernels/cpu/winograd_conv3x3.cc``, called as MindSpore AOT
-custom operators; everything is float32 NCHW. Results match the direct convolution to float32
-rounding plus the transforms' own error, measured against a float64 direct convolution with
-256 input channels: RMS relative error 3.2e-6 with F4, 6.0e-6 with F6, 2.9e-7 for a float32
-direct convolution (max 1.1e-5 / 2.1e-5). The products stay float32 under
+chunk: concatenating or slicing the large tensors copies at a few hundred MB/s, and MindSpore's
+BatchMatMul, which ran the products first, slows down above a few thousand columns. The
+products run on the C++ matmul kernel of ``gemm.py``, always in float32: alone it is a little
+slower than MindSpore 2.10's CPU BatchMatMul (170-191 vs 195-211 GFLOP/s on (36 or 64, 256,
+256) x (., 256, 800-2048)), but inside the train step its products took 10-15% less time
+(measured: the step's Winograd products summed 0.95-1.14 s with 700-900 mask-head tiles vs
+1.09-1.43 s at 600-800 on BatchMatMul, bfloat16 step, six steps of each in alternating runs).
+The transforms are the C++ kernels of ``kernels/cpu/winograd_conv3x3.cc``, called as MindSpore
+AOT custom operators; everything is float32 NCHW. Results match the direct convolution to
+float32 rounding plus the transforms' own error, measured against a float64 direct convolution
+with 256 input channels: RMS relative error 2.3e-6 with F4, 4.4e-6 with F6, 2.9e-7 for a float32
+direct convolution (max 7.7e-6 / 1.3e-5). The products stay float32 under
 ``hardware.matmul_precision=bfloat16``: the transforms amplify rounding errors, and bfloat16
-operands gave 2.5e-2 RMS relative error with F4 (2.4e-3 for a direct convolution), for a step
-only about 0.2 s faster at 512² (measured).
+operands gave 2.5e-2 RMS relative error with F4 and 4.7e-2 with F6, in the output and in both
+gradients alike (2.4e-3 for a direct convolution).
 """
 from __future__ import annotations
 
@@ -40,9 +44,10 @@ from typing import List, NamedTuple, Tuple
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from instaboost.models.layers.gemm import kernel_op
 from instaboost.models.layers.native_kernels import aot_op, kernel_library
 
-# Tiles per BatchMatMul (see the module docstring for the measurement behind it).
+# Tiles per batched product (see the module docstring for the measurement behind it).
 TILE_CHUNK = 2048
 # Most images across one canvas (kMaxCanvasColumns of the kernel source).
 MAX_CANVAS_COLUMNS = 8
@@ -81,7 +86,7 @@ class Canvas(NamedTuple):
 
 
 class Layout(NamedTuple):
-    """The tiling and canvas of one input shape, and the tiles of each BatchMatMul chunk."""
+    """The tiling and canvas of one input shape, and the tiles of each product's chunk."""
 
     tiling: Tiling
     canvas: Canvas
@@ -171,6 +176,11 @@ def transform_ops(batch: int, in_channels: int, out_channels: int, height: int,
         weight=weight, weight_adjoint=weight_adjoint)
 
 
+def _product(a: Tensor, b: Tensor, transpose_a: bool = False, transpose_b: bool = False) -> Tensor:
+    """The batched product of the a² points, always float32 (see the module docstring)."""
+    return kernel_op(transpose_a, transpose_b, precision="float32")(a, b)
+
+
 def _as_tuple(result) -> Tuple[Tensor, ...]:
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
@@ -192,7 +202,7 @@ class WinogradConvFunction(nn.Cell):
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
         transforms = self._ops(x, weight)
         u = transforms.weight(weight)
-        products = [ops.BatchMatMul()(u, v) for v in _as_tuple(transforms.input(x))]
+        products = [_product(u, v) for v in _as_tuple(transforms.input(x))]
         return transforms.output(x, *products)
 
     def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
@@ -203,8 +213,8 @@ class WinogradConvFunction(nn.Cell):
         du = None
         dinputs = []
         for v, dm in zip(inputs, dproducts):
-            part = ops.BatchMatMul(transpose_b=True)(dm, v)                  # (36, O, C)
+            part = _product(dm, v, transpose_b=True)                        # (a², O, C)
             du = part if du is None else du + part
-            dinputs.append(ops.BatchMatMul(transpose_a=True)(u, dm))         # (36, C, tiles)
+            dinputs.append(_product(u, dm, transpose_a=True))               # (a², C, tiles)
         dx = transforms.input_adjoint(x, *dinputs)
         return dx, transforms.weight_adjoint(du)
