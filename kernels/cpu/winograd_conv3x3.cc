@@ -5,14 +5,14 @@
 // (about 150-200 GFLOP/s on the 2-core project machine); Winograd's minimal filtering F(m, 3)
 // turns the 9 multiplies per output pixel and channel pair of a 3x3 convolution into (m+2)^2
 // per m x m output tile: 36 per 16 pixels with F4, 64 per 36 with F6 (winograd.py picks the
-// tiling per shape). The products between transformed inputs and transformed weights stay in
-// MindSpore's BatchMatMul; these kernels do the memory-bound rest in one pass each, which
-// MindSpore's elementwise ops and copies cannot do fast enough.
+// tiling per shape). The products between transformed inputs and transformed weights run on
+// gemm.cc; these kernels do the memory-bound rest in one pass each, which MindSpore's
+// elementwise ops and copies cannot do fast enough.
 //
 // Transformed tensors ("tile tensors") are split into chunks of at most `chunk_tiles` tiles,
-// one MindSpore tensor per chunk, each laid out (points = a*a, channels, tiles_in_chunk): one
-// BatchMatMul per chunk keeps the matmul in the shape MindSpore runs fastest (its speed drops
-// above a few thousand columns), and separate tensors avoid concatenating hundreds of MB.
+// one MindSpore tensor per chunk, each laid out (points = a*a, channels, tiles_in_chunk), one
+// batched product per chunk: separate tensors avoid concatenating hundreds of MB (MindSpore's
+// BatchMatMul, which ran the products first, also slowed down above a few thousand columns).
 // Tile t of the whole batch (t = (canvas * tiles_y + ty) * tiles_x + tx) lives in chunk
 // t / chunk_tiles at column t % chunk_tiles; every chunk but the last is full.
 //

@@ -753,8 +753,8 @@ class WinogradConv2d(UnfoldConv2d):
     float32 (O,) when has_bias. Input float32 (N, C, H, W) -> output float32 (N, O, H, W).
 
     Winograd pays off only with enough tiles: its weight-domain work (36 or 64 x O x C transformed
-    weights and their gradient) does not shrink with the input, and MindSpore's BatchMatMul is
-    slow on a few columns. Inputs with fewer than ``min_point_channels`` (products per channel
+    weights and their gradient) does not shrink with the input, and batched products are slow on
+    a few columns. Inputs with fewer than ``min_point_channels`` (products per channel
     pair of the whole batch, see `choose_layout`, x input channels; 36 per F4 tile) run on the
     inherited unfold path instead, same parameters.
     Measured per call, fwd+bwd, Winograd vs unfold: (2, 256, 12, 12) 0.074 vs 0.019 s; (2, 256,
