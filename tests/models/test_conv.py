@@ -151,6 +151,19 @@ def test_winograd_conv_falls_back_to_unfold_on_small_inputs(monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("side", [2, 5, 14])
+def test_winograd_canvas_layouts_of_many_batches_match_native(side, only_tiling):
+    """Every batch size from 1 to 12, on separate or shared canvases: the kernel's canvas (C++)
+    and choose_canvas (Python) agree (the kernel rejects tile tensors sized for another layout),
+    and images next to each other on a canvas do not leak into each other, forward or
+    backward."""
+    rng = np.random.default_rng(SEED)
+    native = build_conv2d(2, 3, 3, padding=1, has_bias=True, impl="native")
+    fast = _winograd_always(build_conv2d(2, 3, 3, padding=1, has_bias=True, impl="winograd"))
+    for batch in range(1, 13):
+        _assert_same(native, fast, (batch, 2, side, side), rng)
+
+
 def test_winograd_maps_with_equal_tile_counts_keep_their_sizes(only_tiling):
     """4x4, 2x2 and 3x3 maps are one tile each: the same tile tensors, different outputs (as the
     RPN head sees P5 and P6). MindSpore caches AOT output shapes by input shapes."""
@@ -170,6 +183,9 @@ def test_winograd_layouts():
     assert winograd.choose_canvas(17, 14, 14) == winograd.Canvas(3, 6, 1, 23, 11)  # 253 < 272
     assert winograd.choose_canvas(128, 14, 14).tiles == 1771                      # 2048 apart
     assert winograd.choose_canvas(600, 14, 14).tiles > winograd.TILE_CHUNK
+    # two of the shared canvases test_winograd_canvas_layouts_of_many_batches_match_native runs
+    assert winograd.choose_canvas(5, 5, 5) == winograd.Canvas(2, 3, 1, 5, 3)          # 15 < 20
+    assert winograd.choose_canvas(3, 2, 2, winograd.F6) == winograd.Canvas(2, 2, 1, 1, 1)
     F4, F6 = winograd.F4, winograd.F6
     assert winograd.choose_canvas(128, 14, 14, F6) == winograd.Canvas(2, 64, 1, 160, 5)
     assert [winograd.choose_layout(2, side, side).tiling for side in (128, 64, 32, 16, 8)] == \
