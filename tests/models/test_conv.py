@@ -137,11 +137,11 @@ def _winograd_always(conv):
 
 def test_winograd_conv_falls_back_to_unfold_on_small_inputs(monkeypatch):
     conv = build_conv2d(256, 8, 3, padding=1, impl="winograd")
-    # products per channel pair x 256 channels, F6 tiles of 64 products each:
-    assert not conv.uses_winograd((2, 256, 12, 12))    # 8 tiles
-    assert conv.uses_winograd((2, 256, 32, 32))        # 66 tiles
-    assert not conv.uses_winograd((8, 256, 14, 14))    # 50 tiles on one canvas
-    assert conv.uses_winograd((9, 256, 14, 14))        # 64 tiles on one canvas
+    # products per channel pair x 256 channels, F4 tiles of 36 products each:
+    assert not conv.uses_winograd((2, 256, 12, 12))    # 18 tiles
+    assert conv.uses_winograd((2, 256, 32, 32))        # 128 tiles
+    assert not conv.uses_winograd((7, 256, 14, 14))    # 104 tiles on one canvas
+    assert conv.uses_winograd((8, 256, 14, 14))        # 120 tiles on one canvas
     calls = []
     monkeypatch.setattr(type(conv.winograd), "construct",
                         lambda self, x, w: calls.append(x.shape) or ops.zeros((1,)))
@@ -175,8 +175,8 @@ def test_winograd_maps_with_equal_tile_counts_keep_their_sizes(only_tiling):
 
 
 def test_winograd_layouts():
-    """Separate images unless a shared canvas has strictly fewer tiles; the tiling with fewer
-    products, F4 on a tie."""
+    """Separate images unless a shared canvas has strictly fewer tiles; the tiling of least
+    cost (products plus weight-domain work), F4 on a tie."""
     assert winograd.choose_canvas(2, 128, 128) == winograd.Canvas(1, 1, 2, 32, 32)
     assert winograd.choose_canvas(1, 14, 14) == winograd.Canvas(1, 1, 1, 4, 4)
     assert winograd.choose_canvas(7, 14, 14) == winograd.Canvas(1, 7, 1, 26, 4)   # 104 < 112
@@ -189,7 +189,7 @@ def test_winograd_layouts():
     F4, F6 = winograd.F4, winograd.F6
     assert winograd.choose_canvas(128, 14, 14, F6) == winograd.Canvas(2, 64, 1, 160, 5)
     assert [winograd.choose_layout(2, side, side).tiling for side in (128, 64, 32, 16, 8)] == \
-        [F6, F6, F6, F4, F4]                          # 16x16: 9 x 64 = 16 x 36 products
+        [F6, F6, F4, F4, F4]          # 32x32: 4224 + 50 x 64 > 4608 + 50 x 36 (cost)
     assert winograd.choose_layout(128, 14, 14) == \
         winograd.Layout(F6, winograd.choose_canvas(128, 14, 14, F6))   # 800 x 64 < 1771 x 36
 

@@ -747,7 +747,7 @@ class UnfoldDeconv2x2(nn.Cell):
 
 class WinogradConv2d(UnfoldConv2d):
     """3x3 convolution, stride 1, padding 1, groups 1, by Winograd F(4x4, 3x3) or F(6x6, 3x3),
-    whichever needs fewer products for the input's shape (see winograd.py).
+    whichever costs less for the input's shape (see winograd.py `choose_layout`).
 
     Same parameters as `UnfoldConv2d` / ``nn.Conv2d``: ``weight`` float32 (O, C, 3, 3), ``bias``
     float32 (O,) when has_bias. Input float32 (N, C, H, W) -> output float32 (N, O, H, W).

@@ -4,9 +4,10 @@ A 3x3 convolution costs 9 multiply-adds per output pixel and channel pair. F(m x
 computes an m x m output tile from an a x a input tile, a = m + 2, with a² products: F4 (m = 4)
 36 per 16 pixels, 2.25 per pixel; F6 (m = 6) 64 per 36 pixels, 1.78 per pixel. Maps that are
 not a multiple of m overhang their last tiles; `choose_layout` takes, per input shape, the
-tiling with fewer products: F6 on the detector's 128², 64² and 32² maps (18%, 16% and 8% fewer
-than F4), F4 on 16² and smaller. Small maps, such as the mask head's 14x14 RoIs, are laid side
-by side on one canvas with one zero pixel between them (`choose_canvas`): 128 RoIs are 800 F6
+tiling of least cost, products plus weight-domain work: F6 on the detector's 128² and 64² maps
+(18% and 16% fewer products than F4), F4 on 32² and smaller (F6's larger weight transforms
+outweigh its 8% fewer products at 32², measured). Small maps, such as the mask head's 14x14
+RoIs, are laid side by side on one canvas with one zero pixel between them (`choose_canvas`): 128 RoIs are 800 F6
 tiles, 51,200 products per channel pair, where 2,048 F4 tiles, one 16x16 block per RoI, were
 73,728 (-31%). Per batch:
 
@@ -51,6 +52,10 @@ from instaboost.models.layers.native_kernels import aot_op, kernel_library
 TILE_CHUNK = 2048
 # Most images across one canvas (kMaxCanvasColumns of the kernel source).
 MAX_CANVAS_COLUMNS = 8
+# The weight-domain work of one weight point (U = G g Gᵀ twice, forward and backward, and its
+# adjoint once: memory-bound, 2.1 ns per point and channel pair measured with F6 at 256 x 256) in
+# products of the same pair (three per product, fwd, dU and dV, 0.04 ns at ~150 GFLOP/s).
+WEIGHT_POINT_COST = 50
 _LIBRARY = "winograd_conv3x3"
 _OP_CACHE_SIZE = 256
 
@@ -101,6 +106,11 @@ class Layout(NamedTuple):
         """Products per (input channel, output channel) pair."""
         return self.canvas.tiles * self.tiling.points
 
+    @property
+    def cost(self) -> int:
+        """Products plus the weight-domain work, per channel pair (see WEIGHT_POINT_COST)."""
+        return self.products + WEIGHT_POINT_COST * self.tiling.points
+
 
 def choose_canvas(batch: int, height: int, width: int, tiling: Tiling = F4) -> Canvas:
     """The kernel's canvas (``ChooseCanvas`` in kernels/cpu/winograd_conv3x3.cc, which rejects
@@ -119,10 +129,12 @@ def choose_canvas(batch: int, height: int, width: int, tiling: Tiling = F4) -> C
 
 
 def choose_layout(batch: int, height: int, width: int) -> Layout:
-    """The tiling with the fewest products for this shape (F4 on a tie: its transforms are
-    cheaper and more accurate), on its best canvas."""
+    """The tiling of least cost for this shape (F4 on a tie: its transforms are cheaper and more
+    accurate), on its best canvas. F6's 64 weight points cost more than F4's 36 whatever the
+    input: measured fwd+bwd per convolution, F4 vs F6, (2, 256, 32, 32) 23.5 vs 26.9 ms although
+    F6 has 8% fewer products, (2, 256, 48, 48) 43.7 vs 41.6 ms, (2, 128, 64, 64) 26.8 vs 25.9."""
     layouts = [Layout(tiling, choose_canvas(batch, height, width, tiling)) for tiling in TILINGS]
-    return min(layouts, key=lambda layout: layout.products)
+    return min(layouts, key=lambda layout: layout.cost)
 
 
 class _TransformOps(NamedTuple):
