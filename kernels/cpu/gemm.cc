@@ -39,6 +39,7 @@
 #include <cstring>
 #include <vector>
 
+#include "aot_entry.h"
 #include "shapes.h"
 
 namespace {
@@ -605,15 +606,12 @@ void Gemm(const Problem &p) {
   }
 }
 
-// Reads the AOT parameters into a Problem; false for a wrong dtype or inconsistent shapes.
-bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                 bool trans_a, bool trans_b, Problem *p) {
+// Reads the AOT parameters into a Problem; false for inconsistent shapes.
+bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, bool trans_a,
+                 bool trans_b, Problem *p) {
   if (nparam != 3) return false;
-  for (int i = 0; i < 3; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  }
   // Each tensor as (batch, rows, columns): 2-D ones as (1, rows, columns), see the header.
-  int64_t fa[3], fb[3], fc[3];
+  int64_t fa[3] = {}, fb[3] = {}, fc[3] = {};
   const int da = tensor_shape::AsMatrixStack(ndims[0], shapes[0], fa);
   const int db = tensor_shape::AsMatrixStack(ndims[1], shapes[1], fb);
   const int dc = tensor_shape::AsMatrixStack(ndims[2], shapes[2], fc);
@@ -640,10 +638,10 @@ bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return true;
 }
 
-int Run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-        bool trans_a, bool trans_b, bool bf16) {
+template <bool trans_a, bool trans_b, bool bf16>
+int Run(int nparam, void **params, int *ndims, int64_t **shapes) {
   Problem p;
-  if (!ReadProblem(nparam, params, ndims, shapes, dtypes, trans_a, trans_b, &p)) return 1;
+  if (!ReadProblem(nparam, params, ndims, shapes, trans_a, trans_b, &p)) return 1;
   if (bf16) {
     Gemm<Bf16ProductFormat>(p);
   } else {
@@ -654,17 +652,9 @@ int Run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dt
 
 }  // namespace
 
-#define GEMM_ENTRY_POINT(name, trans_a, trans_b, bf16)                                      \
-  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes,              \
-                      const char **dtypes, void *stream, void *extra) {                     \
-    (void)stream;                                                                           \
-    (void)extra;                                                                            \
-    return Run(nparam, params, ndims, shapes, dtypes, trans_a, trans_b, bf16);              \
-  }
-
-GEMM_ENTRY_POINT(MatMulNN, false, false, false)
-GEMM_ENTRY_POINT(MatMulNT, false, true, false)
-GEMM_ENTRY_POINT(MatMulTN, true, false, false)
-GEMM_ENTRY_POINT(MatMulNNBf16, false, false, true)
-GEMM_ENTRY_POINT(MatMulNTBf16, false, true, true)
-GEMM_ENTRY_POINT(MatMulTNBf16, true, false, true)
+AOT_ENTRY_FLOAT32(MatMulNN, (Run<false, false, false>))
+AOT_ENTRY_FLOAT32(MatMulNT, (Run<false, true, false>))
+AOT_ENTRY_FLOAT32(MatMulTN, (Run<true, false, false>))
+AOT_ENTRY_FLOAT32(MatMulNNBf16, (Run<false, false, true>))
+AOT_ENTRY_FLOAT32(MatMulNTBf16, (Run<false, true, true>))
+AOT_ENTRY_FLOAT32(MatMulTNBf16, (Run<true, false, true>))
