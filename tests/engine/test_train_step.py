@@ -5,7 +5,7 @@ from mindspore import nn
 
 from instaboost.engine.checkpoint import CheckpointManager, load_checkpoint
 from instaboost.engine.finite import kernel_all_finite
-from instaboost.engine.train_step import build_loss_scaler, make_train_step
+from instaboost.engine.train_step import build_loss_scaler, is_unit_scale, make_train_step
 
 FINITE_CHECKS = [pytest.param(ms.amp.all_finite, id="mindspore-check"),
                  pytest.param(kernel_all_finite, id="kernel-check")]
@@ -56,6 +56,31 @@ def test_non_finite_gradients_skip_the_update(finite_check):
     _, _, finite = step(*_regression_problem())
     assert not bool(finite)
     np.testing.assert_array_equal(net.weight.asnumpy(), before)
+
+
+def test_unit_scale_skips_unscaling_without_changing_the_update():
+    """A static scale of 1 (the default) is applied as no scaling at all; a power-of-two scale
+    is exact in float32, so both must give bit-identical weights."""
+    assert is_unit_scale(build_loss_scaler("none", 1.0))
+    assert is_unit_scale(build_loss_scaler("static", 1.0))
+    assert not is_unit_scale(build_loss_scaler("static", 2.0))
+    assert not is_unit_scale(build_loss_scaler("dynamic", 1.0)), "a dynamic scale can grow"
+
+    def trained_weight(scaler):
+        ms.set_seed(0)
+        net = nn.Dense(3, 2)
+        opt = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
+
+        def forward(x, y):
+            return {"l2": ((net(x) - y) ** 2).mean()}
+
+        step = make_train_step(forward, opt, loss_names=["l2"], scaler=scaler)
+        for _ in range(3):
+            step(*_regression_problem())
+        return net.weight.asnumpy()
+
+    np.testing.assert_array_equal(trained_weight(build_loss_scaler("static", 1.0)),
+                                  trained_weight(build_loss_scaler("static", 2.0)))
 
 
 def test_unknown_scaler_names_the_key():
