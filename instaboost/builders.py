@@ -28,8 +28,9 @@ RCNN_SAMPLER_SEED_OFFSET = 1000
 # correct, fast backward on any device; MindSpore 2.10's CPU ROIAlign backward gives wrong
 # gradients. With conv_impl "winograd" the project's C++ CPU kernels are in use, and RoIAlign
 # runs on its C++ kernel too (same grid, 2-2.5x faster forward+backward, measured), the box
-# head's two shared FCs follow hardware.matmul_precision (layers/linear.py) and the train step
-# checks its gradients with one kernel call (engine/finite.py).
+# head's two shared FCs follow hardware.matmul_precision (layers/linear.py), the NMS of the
+# proposals and detections runs on its kernel (layers/nms.py) and the train step checks its
+# gradients with one kernel call (engine/finite.py).
 DEFAULT_ROI_ALIGN_IMPL = "gather"
 ROI_ALIGN_IMPL_WITH_CPU_KERNELS = "kernel"
 
@@ -117,7 +118,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
         test_proposal=_proposal_cfg(test_cfg["rpn"]),
         loss_cls_weight=float(rpn_cfg["loss_cls_weight"]),
         loss_bbox_weight=float(rpn_cfg["loss_bbox_weight"]),
-        conv_impl=conv_impl)
+        conv_impl=conv_impl, nms_impl=layer_impl_for(conv_impl))
 
     roi_cfg = detector_cfg["roi"]
     bbox_cfg = detector_cfg["bbox_head"]
@@ -158,7 +159,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
                               add_gt_as_proposals=bool(rcnn_sampler_cfg["add_gt_as_proposals"]),
                               seed=seed + RCNN_SAMPLER_SEED_OFFSET),
         mask_max_pos=int(rcnn_train["mask_max_pos"]),
-        trim_empty_slots=trim_empty_slots,
+        trim_empty_slots=trim_empty_slots, nms_impl=layer_impl_for(conv_impl),
         score_thr=float(rcnn_test["score_thr"]),
         iou_threshold=float(rcnn_test["iou_threshold"]),
         max_per_img=int(rcnn_test["max_per_img"]),

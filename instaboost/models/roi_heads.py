@@ -29,11 +29,12 @@ from mindspore import Tensor, nn, ops
 from instaboost.models.assigner import MaxIoUAssigner
 from instaboost.models.bbox_head import Shared2FCBBoxHead
 from instaboost.models.box_coder import DeltaXYWHBoxCoder
+from instaboost.models.layers.nms import SortedNms
 from instaboost.models.mask_head import FCNMaskHead, build_mask_targets
 from instaboost.models.roi_extractor import RoIExtractor
 from instaboost.models.rpn import MASKED_SCORE, image_hw
 from instaboost.models.sampler import RandomSampler
-from instaboost.structures.boxes import batched_gather, index_range, sorted_nms_keep
+from instaboost.structures.boxes import batched_gather, index_range
 
 # With `trim_empty_slots`, the mask branch runs on the first n slots only, n = the largest count of
 # real entries in the batch rounded up to this bucket, so few distinct shapes ever occur.
@@ -85,6 +86,7 @@ class StandardRoIHeads(nn.Cell):
             step, while real images have far fewer positives. Results are identical (the trimmed
             slots are masked out of the loss and the outputs); the shapes then depend on the data,
             so graph mode (jit) needs it off.
+        nms_impl: "mindspore" or "kernel" (``SortedNms``) for the test-time NMS.
     """
 
     def __init__(self, *, bbox_roi_extractor: RoIExtractor, bbox_head: Shared2FCBBoxHead,
@@ -92,7 +94,7 @@ class StandardRoIHeads(nn.Cell):
                  mask_head: FCNMaskHead, assigner: MaxIoUAssigner, sampler: RandomSampler,
                  mask_max_pos: int, score_thr: float, iou_threshold: float, max_per_img: int,
                  test_nms_pre: int = DEFAULT_TEST_NMS_PRE, mask_sampling_ratio: int = 2,
-                 trim_empty_slots: bool = False):
+                 trim_empty_slots: bool = False, nms_impl: str = "mindspore"):
         super().__init__()
         if mask_max_pos <= 0 or max_per_img <= 0:
             raise ValueError(f"mask_max_pos ({mask_max_pos}) and max_per_img ({max_per_img}) "
@@ -114,7 +116,7 @@ class StandardRoIHeads(nn.Cell):
         self.mask_sampling_ratio = int(mask_sampling_ratio)
         self.trim_empty_slots = bool(trim_empty_slots)
         self.num_classes = bbox_head.num_classes
-        self._nms = ops.NMSWithMask(self.iou_threshold)
+        self._nms = SortedNms(self.iou_threshold, impl=nms_impl)
 
     def _active_slots(self, flags: Tensor) -> int:
         """Leading slots of `flags` (B, S) bool to compute: S, or with `trim_empty_slots` the
@@ -206,8 +208,7 @@ class StandardRoIHeads(nn.Cell):
         offset = ops.maximum(img_h, img_w) + 1.0  # (B, 1)
         shifted = cand_boxes + (cand_labels.astype(ms.float32) * offset).reshape(
             batch, num_cand, 1)
-        keep = ops.stack([sorted_nms_keep(self._nms, shifted[b]) for b in range(batch)], axis=0)
-        keep = ops.logical_and(keep, cand_valid)
+        keep = ops.logical_and(self._nms(shifted), cand_valid)
 
         if num_cand < self.max_per_img:  # tiny models/tests: pad to the fixed D
             pad = self.max_per_img - num_cand

@@ -28,9 +28,10 @@ from instaboost.models.anchors import AnchorGenerator
 from instaboost.models.assigner import MaxIoUAssigner
 from instaboost.models.box_coder import DeltaXYWHBoxCoder
 from instaboost.models.layers.conv import build_conv2d
+from instaboost.models.layers.nms import SortedNms
 from instaboost.models.losses import avg_factor, l1, masked_sum, sigmoid_bce
 from instaboost.models.sampler import RandomSampler
-from instaboost.structures.boxes import batched_gather, boxes_wh, sorted_nms_keep
+from instaboost.structures.boxes import batched_gather, boxes_wh
 
 # mmdetection initialises every RPN conv with N(0, 0.01).
 RPN_INIT_STD = 0.01
@@ -75,13 +76,14 @@ class RPNHead(nn.Cell):
         train_proposal: proposal settings while training; test_proposal: at inference.
         loss_cls_weight, loss_bbox_weight: loss multipliers.
         conv_impl: convolution implementation for ``build_conv2d``.
+        nms_impl: "mindspore" or "kernel" (``SortedNms``) for the proposals' NMS.
     """
 
     def __init__(self, *, in_channels: int, feat_channels: int, anchor_generator: AnchorGenerator,
                  box_coder: DeltaXYWHBoxCoder, assigner: MaxIoUAssigner, sampler: RandomSampler,
                  train_proposal: ProposalConfig, test_proposal: ProposalConfig,
                  loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0,
-                 conv_impl: str = "native"):
+                 conv_impl: str = "native", nms_impl: str = "mindspore"):
         super().__init__()
         self.anchor_generator = anchor_generator
         self.box_coder = box_coder
@@ -101,8 +103,8 @@ class RPNHead(nn.Cell):
         for cell in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
             normal_init_(cell, RPN_INIT_STD)
         self.relu = nn.ReLU()
-        self._nms_train = ops.NMSWithMask(float(train_proposal.iou_threshold))
-        self._nms_test = ops.NMSWithMask(float(test_proposal.iou_threshold))
+        self._nms_train = SortedNms(train_proposal.iou_threshold, impl=nms_impl)
+        self._nms_test = SortedNms(test_proposal.iou_threshold, impl=nms_impl)
 
     # ------------------------------------------------------------------ dense predictions
     def construct(self, features: Sequence[Tensor]):
@@ -173,7 +175,7 @@ class RPNHead(nn.Cell):
         proposal_scores float32 (B, P)), all gradient-stopped.
         """
         cfg = self.train_proposal if training else self.test_proposal
-        nms_op = self._nms_train if training else self._nms_test
+        nms = self._nms_train if training else self._nms_test
         img_h, img_w = image_hw(img_meta)
         level_boxes, level_scores, level_keep = [], [], []
         for logits, deltas, level_anchors in zip(cls_logits, bbox_deltas, anchors):
@@ -190,7 +192,7 @@ class RPNHead(nn.Cell):
             scores, order = ops.topk(ops.where(big_enough, scores, MASKED_SCORE), k)
             boxes = batched_gather(boxes, order)
             big_enough = scores > MASKED_SCORE
-            keep = ops.stack([sorted_nms_keep(nms_op, boxes[b]) for b in range(batch)], axis=0)
+            keep = nms(boxes)
             level_boxes.append(boxes)
             level_scores.append(scores)
             level_keep.append(ops.logical_and(keep, big_enough))

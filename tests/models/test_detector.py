@@ -194,6 +194,15 @@ def test_builder_reads_dictconfig_and_rejects_unknown_names(cfg_global):
         build_detector(renamed, cfg_global.backbone, num_classes=NUM_CLASSES, conv_impl="unfold")
 
 
+@pytest.mark.parametrize("conv_impl,nms_impl", [("unfold", "mindspore"), ("winograd", "kernel")])
+def test_nms_runs_on_the_kernel_with_the_cpu_kernels(cfg_global, conv_impl, nms_impl):
+    model = build_detector(small_detector_cfg(cfg_global.detector), cfg_global.backbone,
+                           num_classes=NUM_CLASSES, conv_impl=conv_impl)
+    nms_layers = [model.rpn_head._nms_train, model.rpn_head._nms_test, model.roi_heads._nms]
+    assert [layer.impl for layer in nms_layers] == [nms_impl] * 3
+    assert model.rpn_head._nms_train.iou_threshold == cfg_global.detector.train_cfg.rpn_proposal.iou_threshold
+
+
 def test_all_padding_batch_gives_finite_losses_and_gradients():
     model = tiny_detector()
     total, losses, grads = loss_and_grads(model, synthetic_batch(batch=2, all_padding=True))
