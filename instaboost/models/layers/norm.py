@@ -25,8 +25,9 @@ Input and output: float32 (N, C, H, W); ``"add_relu"`` takes the residual (N, C,
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
@@ -65,16 +66,33 @@ def _kernel_ops(activation: str) -> Tuple[ops.Custom, ops.Custom]:
                    lambda *_: (ms.float32,) * backward_count))
 
 
+class _NoGradients(NamedTuple):
+    """The zero "gradients" of a norm's running statistics and settings, made once per layer:
+    they are not trained, and a zeros_like each per layer and backward pass was 159 operator
+    calls per ResNet-50 step (about 40 ms of PyNative dispatch at 512² measured)."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    settings: Tensor
+
+    @classmethod
+    def of(cls, num_features: int, settings: Tensor) -> "_NoGradients":
+        return cls(Tensor(np.zeros(num_features, np.float32)),
+                   Tensor(np.zeros(num_features, np.float32)),
+                   Tensor(np.zeros(settings.shape, np.float32)))
+
+
 class _BatchNormFunction(nn.Cell):
     """(x, gamma, beta, running_mean, running_var, settings) -> (y, mean, var, new running mean,
     new running var), y = act(bn(x)) with the batch's statistics, settings = (eps, momentum);
     the backward is the kernel's (the statistics get no gradient: they only feed the running
     statistics)."""
 
-    def __init__(self, activation: str):
+    def __init__(self, activation: str, no_gradients: _NoGradients):
         super().__init__()
         self.relu = activation == "relu"
         self.forward, self.backward = _kernel_ops(activation)
+        self.no_gradients = no_gradients
 
     def construct(self, x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor,
                   running_var: Tensor, settings: Tensor):
@@ -87,17 +105,18 @@ class _BatchNormFunction(nn.Cell):
             dx, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, settings)
         else:
             dx, dgamma, dbeta = self.backward(x, dout[0], mean, var, gamma, settings)
-        return (dx, dgamma, dbeta, ops.zeros_like(running_mean), ops.zeros_like(running_var),
-                ops.zeros_like(settings))
+        zeros = self.no_gradients
+        return dx, dgamma, dbeta, zeros.running_mean, zeros.running_var, zeros.settings
 
 
 class _BatchNormAddReluFunction(nn.Cell):
     """(x, residual, gamma, beta, running_mean, running_var, settings) -> as `_BatchNormFunction`
     with y = relu(bn(x) + residual)."""
 
-    def __init__(self):
+    def __init__(self, no_gradients: _NoGradients):
         super().__init__()
         self.forward, self.backward = _kernel_ops("add_relu")
+        self.no_gradients = no_gradients
 
     def construct(self, x: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor,
                   running_mean: Tensor, running_var: Tensor, settings: Tensor):
@@ -107,8 +126,9 @@ class _BatchNormAddReluFunction(nn.Cell):
               running_mean: Tensor, running_var: Tensor, settings: Tensor, out, dout):
         y, mean, var = out[0], out[1], out[2]
         dx, dresidual, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, settings)
-        return (dx, dresidual, dgamma, dbeta, ops.zeros_like(running_mean),
-                ops.zeros_like(running_var), ops.zeros_like(settings))
+        zeros = self.no_gradients
+        return (dx, dresidual, dgamma, dbeta, zeros.running_mean, zeros.running_var,
+                zeros.settings)
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -131,11 +151,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.impl = impl
         self.function = None
         if impl == "kernel":
-            self.function = (_BatchNormAddReluFunction() if activation == "add_relu"
-                             else _BatchNormFunction(activation))
             # The kernels' settings: (eps, momentum) with MindSpore's momentum convention
             # (self.momentum, the weight of the batch statistics).
             self.settings = Tensor([self.eps, self.momentum], ms.float32)
+            no_gradients = _NoGradients.of(num_features, self.settings)
+            self.function = (_BatchNormAddReluFunction(no_gradients) if activation == "add_relu"
+                             else _BatchNormFunction(activation, no_gradients))
 
     def _uses_batch_statistics(self) -> bool:
         if self.use_batch_statistics is None:
