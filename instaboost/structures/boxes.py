@@ -118,23 +118,6 @@ def batched_gather(values: Tensor, inds: Tensor) -> Tensor:
     return ops.gather(values, inds.astype(ms.int32), 1, batch_dims=1)
 
 
-def sorted_nms_keep(nms_op, boxes: Tensor) -> Tensor:
-    """Greedy NMS over boxes already sorted by descending score.
-
-    nms_op: an ``ops.NMSWithMask(iou_threshold)`` instance; boxes float32 (N, 4), N > 0.
-    Returns keep bool (N,), aligned with the input order.
-
-    ``NMSWithMask`` re-sorts its input by the score column (CPU/GPU) and returns the mask in the
-    sorted order. Feeding strictly decreasing surrogate scores makes that order the identity, so
-    the mask lines up with our rows even when real scores tie (Ascend ignores scores and keeps
-    the input order, which is also the identity).
-    """
-    num = boxes.shape[0]
-    rank_score = (num - index_range(0, num, np.float32)) / float(num)
-    _, _, keep = nms_op(ops.concat([boxes.astype(ms.float32), rank_score.reshape(num, 1)], axis=1))
-    return keep
-
-
 # ---------------------------------------------------------------------------------------------
 # NumPy twins (data pipeline, evaluation and test references).
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Box ops, box coder, anchors and NMS helpers (instaboost/structures/boxes.py and friends)."""
+"""Box ops, box coder and anchors (instaboost/structures/boxes.py and friends)."""
 from __future__ import annotations
 
 import math
@@ -6,12 +6,12 @@ import math
 import numpy as np
 import mindspore as ms
 import pytest
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from instaboost.models.anchors import AnchorGenerator
 from instaboost.models.box_coder import DEFAULT_SCALE_CLAMP, DeltaXYWHBoxCoder
 from instaboost.structures.boxes import (batched_gather, box_area, clip_boxes, np_pairwise_iou,
-                                         pairwise_iof, pairwise_iou, sorted_nms_keep)
+                                         pairwise_iof, pairwise_iou)
 
 ms.set_device("CPU")
 ms.runtime.launch_blocking()  # synchronous PyNative is several times faster on a busy 2-core CPU
@@ -132,16 +132,6 @@ def test_anchor_generator_layout():
     y, x, a = 2, 4, 1
     np.testing.assert_allclose(level0[(y * 5 + x) * 3 + a], [16 - 16, 8 - 16, 16 + 16, 8 + 16])
     assert gen.grid_anchors([(3, 5), (2, 3)])[0] is level0  # cached
-
-
-def test_sorted_nms_keep_matches_greedy_reference_even_with_tied_scores():
-    rng = np.random.default_rng(5)
-    boxes = random_boxes(rng, 40, size=60.0)
-    boxes[10] = boxes[3]  # exact duplicate -> suppressed by the earlier one
-    nms = ops.NMSWithMask(0.5)
-    keep = sorted_nms_keep(nms, Tensor(boxes)).asnumpy()
-    np.testing.assert_array_equal(keep, reference_nms(boxes, 0.5))
-    assert not keep[10]
 
 
 def test_batched_gather():

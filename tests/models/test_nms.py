@@ -3,9 +3,9 @@ NumPy greedy reference, per image of a batch, on crowded boxes, duplicates and d
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
-from instaboost.models.layers.nms import SortedNms
+from instaboost.models.layers.nms import SortedNms, sorted_nms_keep
 from tests.models.test_boxes import random_boxes, reference_nms
 
 ms.runtime.launch_blocking()
@@ -48,6 +48,16 @@ def test_later_duplicate_is_suppressed_and_nan_boxes_suppress_nothing():
     for impl in ("kernel", "mindspore"):
         keep = SortedNms(0.5, impl=impl)(Tensor(boxes[None])).asnumpy()[0]
         np.testing.assert_array_equal(keep, expected, err_msg=impl)
+
+
+def test_sorted_nms_keep_matches_greedy_reference_even_with_tied_scores():
+    rng = np.random.default_rng(5)
+    boxes = random_boxes(rng, 40, size=60.0)
+    boxes[10] = boxes[3]  # exact duplicate -> suppressed by the earlier one
+    nms = ops.NMSWithMask(0.5)
+    keep = sorted_nms_keep(nms, Tensor(boxes)).asnumpy()
+    np.testing.assert_array_equal(keep, reference_nms(boxes, 0.5))
+    assert not keep[10]
 
 
 def test_unknown_impl_is_named():

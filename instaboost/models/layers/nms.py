@@ -3,7 +3,7 @@
 ``SortedNms(iou_threshold, impl)(boxes (B, N, 4)) -> keep bool (B, N)``, aligned with the input
 order. The RPN's proposals (per level) and the test-time class-aware NMS of the RoI heads use it.
 
-* ``impl="mindspore"``: ``ops.NMSWithMask`` image by image (``sorted_nms_keep``); any device.
+* ``impl="mindspore"``: ``ops.NMSWithMask`` image by image (`sorted_nms_keep`); any device.
 * ``impl="kernel"``: ``kernels/cpu/nms.cc``, all images in one CPU call, chosen with the project's
   other C++ kernels (``hardware.conv_impl=winograd``). NMSWithMask fills the whole N x N
   suppression matrix before its greedy pass: 10-16 ms per 2000-box level and image, about 0.1 s
@@ -14,15 +14,33 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from instaboost.models.layers.native_kernels import aot_op
-from instaboost.structures.boxes import sorted_nms_keep
+from instaboost.structures.boxes import index_range
 
 NMS_IMPLS = ("mindspore", "kernel")
 # The IoU's union (a + b) - inter must be its own rounding, as in NMSWithMask, not an FMA.
 _KERNEL_FLAGS = ("-ffp-contract=off",)
+
+
+def sorted_nms_keep(nms_op, boxes: Tensor) -> Tensor:
+    """Greedy NMS over boxes already sorted by descending score.
+
+    nms_op: an ``ops.NMSWithMask(iou_threshold)`` instance; boxes float32 (N, 4), N > 0.
+    Returns keep bool (N,), aligned with the input order.
+
+    ``NMSWithMask`` re-sorts its input by the score column (CPU/GPU) and returns the mask in the
+    sorted order. Feeding strictly decreasing surrogate scores makes that order the identity, so
+    the mask lines up with our rows even when real scores tie (Ascend ignores scores and keeps
+    the input order, which is also the identity).
+    """
+    num = boxes.shape[0]
+    rank_score = (num - index_range(0, num, np.float32)) / float(num)
+    _, _, keep = nms_op(ops.concat([boxes.astype(ms.float32), rank_score.reshape(num, 1)], axis=1))
+    return keep
 
 
 @functools.lru_cache(maxsize=None)
