@@ -257,7 +257,6 @@ class HardwareConfig:
     device_target: str = "CPU"
     conv_impl: str = "winograd"
     matmul_precision: str = "float32"
-    jit: bool = False
     num_workers: int = 2
     device_num: int = 1
 

@@ -41,7 +41,7 @@ def build_loss_scaler(kind: str, scale: float) -> amp.LossScaler:
 
 
 def make_train_step(forward_fn: Callable[..., Dict[str, Tensor]], optimizer, *, loss_names: Sequence[str],
-                    scaler: amp.LossScaler, clip_norm: Optional[float] = None, jit: bool = False,
+                    scaler: amp.LossScaler, clip_norm: Optional[float] = None,
                     finite_check: Callable[[Sequence[Tensor]], Tensor] = amp.all_finite
                     ) -> Callable[..., Tuple[Tensor, Tuple[Tensor, ...], Tensor]]:
     """Return `step(*batch) -> (total_loss, loss_terms, grads_finite)`.
@@ -74,4 +74,4 @@ def make_train_step(forward_fn: Callable[..., Dict[str, Tensor]], optimizer, *, 
         scaler.adjust(finite)
         return loss, terms, finite
 
-    return ms.jit(step) if jit else step
+    return step

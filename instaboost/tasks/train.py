@@ -53,10 +53,10 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     label_to_category = {label: categories.to_coco_id(label) for label in label_names}
     tracker.log_image(sample_grid(train_source, augment, cfg.seed, label_names), "augmentation/samples.png")
 
-    # Graph mode needs fixed shapes; in PyNative the mask branch skips empty slots.
+    # The step runs in PyNative mode (the detector does not compile under ms.jit in MindSpore
+    # 2.10), so the mask branch may skip empty slots: shapes need not stay fixed.
     network = build_detector(cfg.detector, cfg.backbone, num_classes=categories.num_classes,
-                             conv_impl=cfg.hardware.conv_impl, seed=cfg.seed,
-                             trim_empty_slots=not cfg.hardware.jit)
+                             conv_impl=cfg.hardware.conv_impl, seed=cfg.seed, trim_empty_slots=True)
     schedule = cfg.schedule
     train_data = build_train_dataset(train_source, augment=augment, **data_arguments(cfg), seed=cfg.seed)
     eval_data = build_eval_dataset(val_source, batch_size=schedule.batch_size,
@@ -88,7 +88,7 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
                             momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     step_fn = make_train_step(network.forward_train, optimizer, loss_names=network.loss_names,
                               scaler=build_loss_scaler(schedule.loss_scale_type, schedule.loss_scale),
-                              clip_norm=schedule.grad_clip or None, jit=cfg.hardware.jit,
+                              clip_norm=schedule.grad_clip or None,
                               finite_check=build_finite_check(uses_cpu_kernels(cfg.hardware.conv_impl)))
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_latest=schedule.keep_checkpoint_max,
                                     keep_best=schedule.keep_best_checkpoints_max)
