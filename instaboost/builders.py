@@ -66,7 +66,7 @@ def _build_backbone(backbone_cfg: Mapping[str, Any], *, conv_impl: str) -> ResNe
 def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any], *,
                    num_classes: int, conv_impl: str, seed: int = 0,
                    roi_align_impl: Optional[str] = None,
-                   trim_empty_slots: bool = False) -> MaskRCNN:
+                   trim_empty_slots: bool = True) -> MaskRCNN:
     """Mask R-CNN from the ``detector`` and ``backbone`` config sections.
 
     Args:
@@ -78,8 +78,9 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
         seed: seeds the RPN and RCNN samplers' random ops.
         roi_align_impl: "gather" | "kernel" (C++, CPU) | "native" (``ops.ROIAlign``); None:
             "kernel" with conv_impl "winograd", else "gather".
-        trim_empty_slots: mask branch on the real positives/detections only (PyNative; see
-            ``StandardRoIHeads``). Off for graph mode, which needs fixed shapes.
+        trim_empty_slots: mask branch on the real positives/detections only (see
+            ``StandardRoIHeads``): on, as every step runs in PyNative mode; off runs every slot
+            with fixed shapes (what graph mode would need; the benchmark's ``--fixed-slots``).
     """
     if detector_cfg["name"] != "mask_rcnn":
         raise ValueError(f"detector.name: only 'mask_rcnn' is built here, got "

@@ -53,10 +53,8 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     label_to_category = {label: categories.to_coco_id(label) for label in label_names}
     tracker.log_image(sample_grid(train_source, augment, cfg.seed, label_names), "augmentation/samples.png")
 
-    # The step runs in PyNative mode (the detector does not compile under ms.jit in MindSpore
-    # 2.10), so the mask branch may skip empty slots: shapes need not stay fixed.
     network = build_detector(cfg.detector, cfg.backbone, num_classes=categories.num_classes,
-                             conv_impl=cfg.hardware.conv_impl, seed=cfg.seed, trim_empty_slots=True)
+                             conv_impl=cfg.hardware.conv_impl, seed=cfg.seed)
     schedule = cfg.schedule
     train_data = build_train_dataset(train_source, augment=augment, **data_arguments(cfg), seed=cfg.seed)
     eval_data = build_eval_dataset(val_source, batch_size=schedule.batch_size,
