@@ -1,7 +1,8 @@
 """Benchmark: R50-FPN Mask R-CNN train step on CPU, native vs unfold vs winograd convolutions.
 
     .venv/bin/python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 2]
-        [--native-step estimate|measure|skip] [--threads N] [--override backbone.norm=frozen_bn ...]
+        [--native-step estimate|measure|skip] [--threads N] [--lr 0.02]
+        [--override backbone.norm=frozen_bn ...]
 
 One run builds the detector from ``conf/`` (``detector=mask_rcnn``, ``backbone=resnet50``, COCO's
 80 classes) once per convolution implementation (``winograd``: Winograd F(4x4, 3x3) or F(6x6,
@@ -17,9 +18,13 @@ rest; ``winograd_bf16``: the same with
    built as the train task builds it in PyNative mode: the mask head runs on the sampled
    positives (``mask_head_rois`` in the JSON) and the assigners on the occupied GT slots;
    ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes). The steps
-   train (lr 0.02), so the positives -- the mask head's workload, about 8 ms per RoI fwd+bwd
-   at 512² -- grow from step to step as the RPN learns: the RoIs of each timed step are
-   printed and in the JSON (``mask_head_rois_timed_<impl>``); compare steps at equal RoIs.
+   train (``--lr``, 0.02 by default), so the positives -- the mask head's workload, about 8 ms
+   per RoI fwd+bwd at 512² -- grow from step to step as the RPN learns: the RoIs of each timed
+   step are printed and in the JSON (``mask_head_rois_timed_<impl>``); compare steps at equal
+   RoIs. ``--lr 0`` freezes the model instead: every step then has the same proposals, hence
+   the same positives and mask-head RoIs, and MindSpore's seed (``SEED``, set before each
+   variant) draws the same samples in every run: the fixed workload at which to compare two
+   commits in alternating runs, or the variants of one run.
    MindSpore's native CPU convolutions run at about 1 GFLOP/s, so a native step at 512² takes
    about 20 minutes (1.4 TFLOP of convolutions). By default (``--native-step estimate``) it is therefore
    *estimated* as ``step_s_unfold - conv_s_unfold + conv_s_native`` (the non-convolution work is
@@ -133,8 +138,8 @@ def synthetic_batch(batch: int, size: int, num_gts: int, mask_size: int, objects
     return tuple(Tensor(a) for a in (image, img_meta, boxes, labels, masks, valid, crowd))
 
 
-def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool):
-    """(detector, train step) for one convolution implementation."""
+def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool, lr: float = BASE_LR):
+    """(detector, train step) for one convolution implementation, SGD at learning rate ``lr``."""
     from instaboost.builders import build_detector, uses_cpu_kernels
     from instaboost.engine.finite import build_finite_check
     from instaboost.engine.train_step import build_loss_scaler, make_train_step
@@ -142,7 +147,7 @@ def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool):
     detector = build_detector(detector_cfg, backbone_cfg, num_classes=COCO_NUM_CLASSES,
                               conv_impl=impl, seed=SEED, trim_empty_slots=trim_empty_slots)
     detector.set_train(True)
-    optimizer = nn.Momentum(detector.trainable_params(), learning_rate=BASE_LR,
+    optimizer = nn.Momentum(detector.trainable_params(), learning_rate=lr,
                             momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     step = make_train_step(detector.forward_train, optimizer, loss_names=detector.loss_names,
                            scaler=build_loss_scaler("none", 1.0),
@@ -340,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
                         help="run the mask head on all sampled-positive slots and the assigners "
                              "on all num_gts GT slots (graph mode's fixed shapes) instead of the "
                              "occupied ones, as the PyNative train task does")
+    parser.add_argument("--lr", type=float, default=BASE_LR,
+                        help="SGD learning rate of the steps; 0 keeps every step's workload "
+                             "(mask-head RoIs) the same, for comparing commits")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="MindSpore CPU kernel threads (0: MindSpore's default)")
     parser.add_argument("--override", action="append", default=[],
@@ -368,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     for impl in impls:
         conv_impl, precision = VARIANTS.get(impl, (impl, "float32"))
         set_matmul_precision(precision)
-        detector, step = build(conv_impl, detector_cfg, backbone_cfg, not args.fixed_slots)
+        ms.set_seed(SEED)  # the samplers' draws: the same in every run and for every variant
+        detector, step = build(conv_impl, detector_cfg, backbone_cfg, not args.fixed_slots,
+                               args.lr)
         if not calls:
             # Recorded on a fast model (a native forward alone takes minutes); every model has
             # the same cells under the same names.
@@ -404,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     mask_rois = next((c.input_shape[0] for c in calls if "mask_head" in c.name), 0)
     result.update({
         "fixed_slots": args.fixed_slots,
+        "lr": args.lr,
         "mask_head_rois": mask_rois,
         # per timed step: the workload grows as the model learns (lr > 0)
         "mask_head_rois_timed_winograd": step_rois["winograd"],
