@@ -12,9 +12,10 @@ Inputs follow the batch contract (docs in CONTRACTS.md):
     resized_w]; gt_boxes float32 (B, G, 4) xyxy resized pixels; gt_labels int32 (B, G);
     gt_masks uint8 (B, G, M, M) box-cropped masks; gt_valid bool (B, G); gt_crowd bool (B, G).
 
-Every intermediate shape is static for a given (B, Hp, Wp, G), so the same code runs in PyNative
-and can be compiled with ``ms.jit``: masks and fixed-k ``top_k`` replace boolean indexing, and the
-only Python loops run over B, FPN levels or heads.
+Every intermediate shape is static for a given (B, Hp, Wp, G) (with ``trim_empty_slots`` off):
+masks and fixed-k ``top_k`` replace boolean indexing, and the only Python loops run over B, FPN
+levels or heads. The train step still runs in PyNative mode: MindSpore 2.10's graph compiler
+failed on the whole step with every convolution path (README, Known limits).
 """
 from __future__ import annotations
 
