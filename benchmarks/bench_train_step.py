@@ -1,7 +1,7 @@
 """Benchmark: R50-FPN Mask R-CNN train step on CPU, native vs unfold vs winograd convolutions.
 
-    .venv/bin/python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 2]
-        [--native-step estimate|measure|skip] [--threads N] [--lr 0.02]
+    .venv/bin/python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 3]
+        [--warmup-steps 4] [--native-step estimate|measure|skip] [--threads N] [--lr 0.02]
         [--override backbone.norm=frozen_bn ...]
 
 One run builds the detector from ``conf/`` (``detector=mask_rcnn``, ``backbone=resnet50``, COCO's
@@ -14,7 +14,12 @@ rest; ``winograd_bf16``: the same with
 
 1. **Train step** (``step_s_<impl>``, winograd, winograd_bf16 and unfold): wall time of one full training step
    (forward, backward, loss scaling, momentum-SGD update; ``instaboost.engine.train_step.make_train_step`` in
-   PyNative mode): one warm-up step, then the mean of ``--steps`` timed steps. The model is
+   PyNative mode): ``--warmup-steps`` untimed steps, then the median of ``--steps`` timed
+   steps. The warm-up is what a long run has behind it: MindSpore's memory pool grows over the
+   first steps, and a step that grows it pays for fresh pages (page faults; measured at lr 0:
+   580k / 49k / 0 / 10k / 0 minor faults in steps 0-4, the second step 0.4-0.8 s slower than
+   the settled ones). The minor faults of each timed step are printed and in the JSON
+   (``minor_faults_timed_<impl>``): thousands mean the pool had not settled. The model is
    built as the train task builds it in PyNative mode: the mask head runs on the sampled
    positives (``mask_head_rois`` in the JSON) and the assigners on the occupied GT slots;
    ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes). The steps
@@ -56,6 +61,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from collections import OrderedDict
@@ -77,7 +83,8 @@ from instaboost.models.layers.gemm import set_matmul_precision  # noqa: E402
 COCO_NUM_CLASSES = 80
 DEFAULT_SIZE = 512
 DEFAULT_BATCH = 2
-DEFAULT_STEPS = 2
+DEFAULT_STEPS = 3
+DEFAULT_WARMUP_STEPS = 4
 DEFAULT_OBJECTS = 8
 DEFAULT_LAYER_REPEATS = 2
 DEFAULT_NATIVE_CAP_GFLOP = 0.5
@@ -167,19 +174,29 @@ def count_mask_head_rois(detector: nn.Cell) -> List[int]:
     return counts
 
 
-def time_steps(step, batch: Sequence[Tensor], steps: int) -> Tuple[float, List[float], float]:
-    """(warm-up seconds, [timed step seconds], process CPU seconds per timed step)."""
-    def run() -> float:
+class StepTimes(NamedTuple):
+    warmup_s: List[float]
+    timed_s: List[float]
+    minor_faults: List[int]     # of each timed step: fresh pages the memory pool touched
+    cpu_s: float                # process CPU seconds per timed step
+
+
+def time_steps(step, batch: Sequence[Tensor], steps: int, warmup_steps: int) -> StepTimes:
+    """Run ``warmup_steps`` untimed steps, then time ``steps`` steps one by one."""
+    def run() -> Tuple[float, int]:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         loss, _, finite = step(*batch)
         loss.asnumpy()
         if not bool(finite.asnumpy()):
             raise RuntimeError("benchmark step produced non-finite gradients")
-        return time.perf_counter() - start
-    warmup = run()
+        return (time.perf_counter() - start,
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+    warmup = [run()[0] for _ in range(warmup_steps)]
     cpu_start = time.process_time()
     timed = [run() for _ in range(steps)]
-    return warmup, timed, (time.process_time() - cpu_start) / steps
+    return StepTimes(warmup, [t for t, _ in timed], [f for _, f in timed],
+                     (time.process_time() - cpu_start) / steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS,
+                        help="untimed steps first, while MindSpore's memory pool grows")
     parser.add_argument("--objects", type=int, default=DEFAULT_OBJECTS)
     parser.add_argument("--layer-repeats", type=int, default=DEFAULT_LAYER_REPEATS)
     parser.add_argument("--native-cap-gflop", type=float, default=DEFAULT_NATIVE_CAP_GFLOP,
@@ -353,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     parser.add_argument("--override", action="append", default=[],
                         help="Hydra override for conf/config.yaml, e.g. backbone.norm=frozen_bn")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup_steps < 0:
+        parser.error(f"--steps must be >= 1 and --warmup-steps >= 0, got {args.steps} and "
+                     f"{args.warmup_steps}")
 
     if args.threads:
         ms.device_context.cpu.op_tuning.threads_num(args.threads)
@@ -370,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     steps: Dict[str, float] = {}
     step_cpu: Dict[str, float] = {}
     step_rois: Dict[str, List[int]] = {}
+    step_faults: Dict[str, List[int]] = {}
     calls: List[ConvCall] = []
     fast_impls = tuple(VARIANTS)
     impls = fast_impls if args.native_step == "skip" else fast_impls + ("native",)
@@ -394,13 +417,15 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
               f"{conv[impl]['gflops_fwd_bwd']:.1f} GFLOP/s", flush=True)
         if impl in fast_impls or args.native_step == "measure":
             rois = count_mask_head_rois(detector)
-            warmup, timed, cpu_s = time_steps(step, batch, args.steps)
-            steps[impl] = float(np.mean(timed))
-            step_cpu[impl] = cpu_s
-            step_rois[impl] = rois[1:]               # the timed steps (after the warm-up)
-            print(f"[{impl}] train step: warm-up {warmup:.2f} s, timed "
-                  f"{', '.join(f'{t:.2f}' for t in timed)} s -> {steps[impl]:.2f} s "
-                  f"(mask head RoIs {step_rois[impl]}), {cpu_s:.1f} CPU-s per step "
+            times = time_steps(step, batch, args.steps, args.warmup_steps)
+            steps[impl] = float(np.median(times.timed_s))
+            step_cpu[impl] = times.cpu_s
+            step_faults[impl] = times.minor_faults
+            step_rois[impl] = rois[args.warmup_steps:]     # the timed steps
+            print(f"[{impl}] train step: warm-up {', '.join(f'{t:.2f}' for t in times.warmup_s)}"
+                  f" s, timed {', '.join(f'{t:.2f}' for t in times.timed_s)} s -> median "
+                  f"{steps[impl]:.2f} s (mask head RoIs {step_rois[impl]}, minor page faults "
+                  f"{times.minor_faults}), {times.cpu_s:.1f} CPU-s per step "
                   f"(load average {os.getloadavg()})", flush=True)
         del detector, step
     set_matmul_precision("float32")
@@ -419,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
         # per timed step: the workload grows as the model learns (lr > 0)
         "mask_head_rois_timed_winograd": step_rois["winograd"],
         "mask_head_rois_timed_winograd_bf16": step_rois["winograd_bf16"],
+        "warmup_steps": args.warmup_steps,
+        "minor_faults_timed_winograd": step_faults["winograd"],
+        "minor_faults_timed_winograd_bf16": step_faults["winograd_bf16"],
         "step_s_native": native(lambda: steps["native"]),
         "step_s_native_estimated": estimated,
         "step_s_unfold": round(steps["unfold"], 3),
