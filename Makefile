@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_train_step.py --lr 0
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,7 +1,7 @@
 """Benchmark: R50-FPN Mask R-CNN train step on CPU, native vs unfold vs winograd convolutions.
 
     .venv/bin/python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 3]
-        [--warmup-steps 4] [--native-step estimate|measure|skip] [--threads N] [--lr 0.02]
+        [--warmup-steps 4] [--native-step estimate|measure|skip] [--threads N] [--lr 0]
         [--override backbone.norm=frozen_bn ...]
 
 One run builds the detector from ``conf/`` (``detector=mask_rcnn``, ``backbone=resnet50``, COCO's
@@ -22,14 +22,15 @@ rest; ``winograd_bf16``: the same with
    (``minor_faults_timed_<impl>``): thousands mean the pool had not settled. The model is
    built as the train task builds it in PyNative mode: the mask head runs on the sampled
    positives (``mask_head_rois`` in the JSON) and the assigners on the occupied GT slots;
-   ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes). The steps
-   train (``--lr``, 0.02 by default), so the positives -- the mask head's workload, about 8 ms
-   per RoI fwd+bwd at 512² -- grow from step to step as the RPN learns: the RoIs of each timed
-   step are printed and in the JSON (``mask_head_rois_timed_<impl>``); compare steps at equal
-   RoIs. ``--lr 0`` freezes the model instead: every step then has the same proposals, hence
-   the same positives and mask-head RoIs, and MindSpore's seed (``SEED``, set before each
-   variant) draws the same samples in every run: the fixed workload at which to compare two
-   commits in alternating runs, or the variants of one run.
+   ``--fixed-slots`` runs both on every slot instead (graph mode's fixed shapes). By default
+   the update runs at learning rate 0 (``--lr``): the model stays frozen, so every step has the
+   same proposals, hence the same positives and mask-head RoIs, and MindSpore's seed (``SEED``,
+   set before each variant) draws the same samples in every run: a fixed workload at which to
+   compare two commits in alternating runs, or the variants of one run. With ``--lr 0.02``
+   (the schedules' base rate) the steps train, and the positives -- the mask head's workload,
+   about 8 ms per RoI fwd+bwd at 512² -- grow from step to step as the RPN learns. Either way
+   the RoIs of each timed step are printed and in the JSON (``mask_head_rois_timed_<impl>``);
+   compare steps at equal RoIs.
    MindSpore's native CPU convolutions run at about 1 GFLOP/s, so a native step at 512² takes
    about 20 minutes (1.4 TFLOP of convolutions). By default (``--native-step estimate``) it is therefore
    *estimated* as ``step_s_unfold - conv_s_unfold + conv_s_native`` (the non-convolution work is
@@ -95,7 +96,8 @@ DECONV_TAPS = 4
 IMG_META_COLUMNS = 5
 MIN_OBJECT_FRACTION = 0.1
 MAX_OBJECT_FRACTION = 0.5
-BASE_LR = 0.02
+# 0: the model stays frozen and every step has the same workload (see the module docstring).
+DEFAULT_LR = 0.0
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 TOP_LAYERS = 15
@@ -145,7 +147,7 @@ def synthetic_batch(batch: int, size: int, num_gts: int, mask_size: int, objects
     return tuple(Tensor(a) for a in (image, img_meta, boxes, labels, masks, valid, crowd))
 
 
-def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool, lr: float = BASE_LR):
+def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool, lr: float = DEFAULT_LR):
     """(detector, train step) for one convolution implementation, SGD at learning rate ``lr``."""
     from instaboost.builders import build_detector, uses_cpu_kernels
     from instaboost.engine.finite import build_finite_check
@@ -364,9 +366,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
                         help="run the mask head on all sampled-positive slots and the assigners "
                              "on all num_gts GT slots (graph mode's fixed shapes) instead of the "
                              "occupied ones, as the PyNative train task does")
-    parser.add_argument("--lr", type=float, default=BASE_LR,
-                        help="SGD learning rate of the steps; 0 keeps every step's workload "
-                             "(mask-head RoIs) the same, for comparing commits")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+                        help="SGD learning rate of the steps; 0 (default) keeps every step's "
+                             "workload (mask-head RoIs) the same; 0.02 lets the model learn")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="MindSpore CPU kernel threads (0: MindSpore's default)")
     parser.add_argument("--override", action="append", default=[],
