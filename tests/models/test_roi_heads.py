@@ -173,6 +173,40 @@ def test_mask_targets_are_the_same_on_the_kernel():
     np.testing.assert_array_equal(targets[1], targets[0])
 
 
+@pytest.mark.parametrize("conv_impl", ["native", "winograd"])
+def test_mask_class_logits_are_the_label_channel_of_all_logits(conv_impl):
+    """class_logits multiplies by the label's weight row only: the same values as channel
+    label - 1 of the all-class logits, and the same gradients for the input, the logits'
+    weight (rows of classes not present stay zero) and bias (label 0, padding, reads class 1)."""
+    head = FCNMaskHead(in_channels=CHANNELS, num_convs=1, conv_out_channels=CHANNELS,
+                       roi_feat_size=4, mask_size=8, num_classes=NUM_CLASSES + 2,
+                       conv_impl=conv_impl)
+    rng = np.random.default_rng(11)
+    feats = Tensor(rng.standard_normal((4, CHANNELS, 4, 4)).astype(np.float32))
+    labels = Tensor(np.array([2, 1, 2, 0], np.int32))
+    weights = Tensor(rng.standard_normal((4, 8, 8)).astype(np.float32))
+    params = [head.conv_logits.weight, head.conv_logits.bias]
+
+    def selected(x):
+        index = np.maximum(labels.asnumpy() - 1, 0)
+        return head(x)[Tensor(np.arange(4)), Tensor(index.astype(np.int32))]
+
+    def weighted(fn):
+        return lambda x: (fn(x) * weights).sum()
+
+    expected = selected(feats).asnumpy()
+    np.testing.assert_allclose(head.class_logits(feats, labels).asnumpy(), expected,
+                               rtol=1e-5, atol=1e-5)
+    grads = [ms.grad(weighted(fn), 0, params)(feats)
+             for fn in (selected, lambda x: head.class_logits(x, labels))]
+    np.testing.assert_allclose(grads[1][0].asnumpy(), grads[0][0].asnumpy(), rtol=1e-4,
+                               atol=1e-5)
+    for got, want in zip(grads[1][1], grads[0][1]):
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-5)
+    weight_grad = grads[1][1][0].asnumpy().reshape(NUM_CLASSES + 2, CHANNELS)
+    assert np.abs(weight_grad[:2]).sum() > 0 and not weight_grad[2:].any()
+
+
 def test_bbox_head_losses():
     head = Shared2FCBBoxHead(in_channels=CHANNELS, roi_feat_size=7, fc_out_channels=16,
                              num_classes=NUM_CLASSES)
