@@ -172,9 +172,7 @@ def count_mask_head_rois(detector: nn.Cell) -> List[int]:
     def record(cell, inputs):
         counts.append(int(inputs[0].shape[0]))
 
-    # On the head's first convolution: training calls the head through `class_logits`, a
-    # method, which cell hooks do not see.
-    detector.roi_heads.mask_head.convs[0].register_forward_pre_hook(record)
+    detector.roi_heads.mask_head.register_forward_pre_hook(record)
     return counts
 
 

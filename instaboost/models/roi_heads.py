@@ -168,7 +168,7 @@ class StandardRoIHeads(nn.Cell):
                                           sampling_ratio=self.mask_sampling_ratio,
                                           roi_align_impl=self._mask_target_impl)
         mask_feats = self.mask_roi_extractor(features, rois_from_boxes(pos_boxes))
-        class_logits = self.mask_head.class_logits(mask_feats, pos_labels)
+        class_logits = self.mask_head(mask_feats, pos_labels)
         loss_mask = self.mask_head.loss(class_logits, mask_targets, pos_valid.reshape(-1))
         return {"loss_cls": bbox_losses.loss_cls, "loss_bbox": bbox_losses.loss_bbox,
                 "loss_mask": loss_mask}
@@ -227,8 +227,7 @@ class StandardRoIHeads(nn.Cell):
 
         slots = self._active_slots(det_valid)
         mask_feats = self.mask_roi_extractor(features, rois_from_boxes(det_boxes[:, :slots]))
-        mask_probs = ops.sigmoid(self.mask_head.class_logits(mask_feats,
-                                                             det_labels[:, :slots].reshape(-1)))
+        mask_probs = ops.sigmoid(self.mask_head(mask_feats, det_labels[:, :slots].reshape(-1)))
         mask_size = self.mask_head.mask_size
         det_masks = mask_probs.reshape(batch, slots, mask_size, mask_size)
         if slots < self.max_per_img:

@@ -174,8 +174,8 @@ def test_mask_targets_are_the_same_on_the_kernel():
 
 
 @pytest.mark.parametrize("conv_impl", ["native", "winograd"])
-def test_mask_class_logits_are_the_label_channel_of_all_logits(conv_impl):
-    """class_logits multiplies by the label's weight row only: the same values as channel
+def test_mask_head_with_labels_gives_the_label_channel_of_all_logits(conv_impl):
+    """The head called with labels multiplies by their weight rows only: the same values as channel
     label - 1 of the all-class logits, and the same gradients for the input, the logits'
     weight (rows of classes not present stay zero) and bias (label 0, padding, reads class 1)."""
     head = FCNMaskHead(in_channels=CHANNELS, num_convs=1, conv_out_channels=CHANNELS,
@@ -195,10 +195,10 @@ def test_mask_class_logits_are_the_label_channel_of_all_logits(conv_impl):
         return lambda x: (fn(x) * weights).sum()
 
     expected = selected(feats).asnumpy()
-    np.testing.assert_allclose(head.class_logits(feats, labels).asnumpy(), expected,
+    np.testing.assert_allclose(head(feats, labels).asnumpy(), expected,
                                rtol=1e-5, atol=1e-5)
     grads = [ms.grad(weighted(fn), 0, params)(feats)
-             for fn in (selected, lambda x: head.class_logits(x, labels))]
+             for fn in (selected, lambda x: head(x, labels))]
     np.testing.assert_allclose(grads[1][0].asnumpy(), grads[0][0].asnumpy(), rtol=1e-4,
                                atol=1e-5)
     for got, want in zip(grads[1][1], grads[0][1]):
