@@ -1,6 +1,7 @@
 """Benchmark: the per-operator cost of a train step's dispatch, PyNative vs a compiled graph.
 
-    .venv/bin/python benchmarks/bench_dispatch.py [--layers 100] [--rounds 5] [--repeats 5]
+    .venv/bin/python benchmarks/bench_dispatch.py [--layers 100] [--size 4] [--rounds 5]
+        [--repeats 5] [--threads N]
 
 Why: a float32 CPU train step at 512² (``bench_train_step.py``) makes about 2,600 operator
 calls, and MindSpore's profiler puts 0.6-0.8 s of its 4.1-4.5 s between them. The step runs in
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -81,12 +83,13 @@ def time_call(function: Callable, args, repeats: int) -> float:
 
 
 def main(argv: List[str] | None = None) -> Dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=100)
     parser.add_argument("--size", type=int, default=4, help="side of the square operands")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="MindSpore CPU kernel threads")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="MindSpore CPU kernel threads (as bench_train_step.py)")
     args = parser.parse_args(argv)
     for name in ("layers", "size", "rounds", "repeats", "threads"):
         if getattr(args, name) < 1:
