@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 import instaboost  # noqa: F401,E402  (sets the OpenMP policy before MindSpore loads OpenMP)
 import mindspore as ms  # noqa: E402
@@ -44,7 +46,13 @@ OPS_PER_LAYER = 3  # one forward product, two backward products
 
 
 class KernelProductLayer(nn.Cell):
-    """y = x · w on the C++ kernel, with a bprop cell as the project's convolutions have."""
+    """y = x · w on the C++ kernel, with a bprop cell as the project's convolutions have.
+
+    The kernel dense layer's function (``layers/linear.py``) is the same computation, but it
+    reaches the kernel through ``gemm.matmul``, whose cached op lookup the graph compiler cannot
+    parse ("func graph is empty" at ``matmul``), so it cannot be timed compiled; this cell holds
+    its three operators instead, as a graph-compilable convolution would.
+    """
 
     def __init__(self):
         super().__init__()
