@@ -88,8 +88,7 @@ def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias,
         assert not unfold.uses_winograd(shape)
     # 1x1, groups 1, on the kernel matmul: maps of >= MIN_SHARED_WEIGHT_PIXELS (the
     # "large-map" case) take the shared-weight batched product, smaller ones the reordering path.
-    assert (unfold.shared_weight is not None) == (impl == "winograd" and kernel == 1
-                                                  and groups == 1)
+    assert unfold.shared_weight == (impl == "winograd" and kernel == 1 and groups == 1)
     _assert_same(native, unfold, shape, rng)
 
 

@@ -503,26 +503,19 @@ class _PointwiseConvFunction(nn.Cell):
         return dx.reshape(n, c, h, w), _sum(dweights).reshape(weight.shape)
 
 
-class _SharedWeightPointwiseFunction(nn.Cell):
+def _shared_weight_pointwise(x: Tensor, weight: Tensor) -> Tensor:
     """1x1 stride-1 convolution (groups 1) as one batched product ``Y[n] = W · X[n]`` with the
     weight shared by all images, on the C++ matmul kernel (which takes a 2-D operand against a
     3-D one): no layout change at all, where `_PointwiseConvFunction` re-orders the rows of
     small images into one matrix (0.5 s per training step for the mask head's 28x28 RoIs).
+    The kernel operator's own backward gives ``dX[n] = Wᵀ · dY[n]`` and ``dW = Σn dY[n] · X[n]ᵀ``.
 
-    Inputs: x float32 (N, C, H, W), weight float32 (O, C, 1, 1). Output (N, O, H, W).
+    x float32 (N, C, H, W), weight float32 (O, C, 1, 1) -> (N, O, H, W).
     """
-
-    # NCHW tensors go to the kernel as they are, never reshaped (see gemm.py: MindSpore copies
-    # a reshaped view in full first; measured 11% of this layer's CPU time).
-    def construct(self, x: Tensor, weight: Tensor) -> Tensor:
-        o, c = weight.shape[0], weight.shape[1]
-        return matmul(weight.reshape(o, c), x, impl="kernel")                       # (N, O, H, W)
-
-    def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
-        o, c = weight.shape[0], weight.shape[1]
-        dx = matmul(weight.reshape(o, c), dout, transpose_a=True, impl="kernel")    # (N, C, H, W)
-        dweight = matmul(dout, x, transpose_b=True, impl="kernel")                 # (N, O, C)
-        return dx, dweight.sum(0).reshape(weight.shape)
+    # x goes to the kernel as it is, never reshaped (see gemm.py: MindSpore copies a reshaped
+    # view in full first; measured 11% of this layer's CPU time).
+    o, c = weight.shape[0], weight.shape[1]
+    return matmul(weight.reshape(o, c), x, impl="kernel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,22 +568,19 @@ class UnfoldConv2d(nn.Cell):
         self.matmul_impl = matmul_impl
         # 1x1 convolutions on maps of at least MIN_SHARED_WEIGHT_PIXELS (after striding) run
         # as one shared-weight batched product on the C++ kernel; others on `self.function`.
-        self.shared_weight = None
+        self.shared_weight = self.pointwise and matmul_impl == "kernel" and groups == 1
         if not self.pointwise:
             self.function = _UnfoldConvFunction(self.kernel_size, self.stride, self.padding,
                                                 groups, chunk_bytes, matmul_impl)
         else:
             self.function = _PointwiseConvFunction(groups)
-            if matmul_impl == "kernel" and groups == 1:
-                self.shared_weight = _SharedWeightPointwiseFunction()
 
     def convolve(self, x: Tensor) -> Tensor:
         """The convolution without bias."""
         if self.pointwise:
             x = subsample(x, self.stride, use_kernel=self.matmul_impl == "kernel")
-            if (self.shared_weight is not None
-                    and x.shape[2] * x.shape[3] >= MIN_SHARED_WEIGHT_PIXELS):
-                return self.shared_weight(x, self.weight)
+            if self.shared_weight and x.shape[2] * x.shape[3] >= MIN_SHARED_WEIGHT_PIXELS:
+                return _shared_weight_pointwise(x, self.weight)
         return self.function(x, self.weight)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -672,8 +662,9 @@ class _Deconv2x2Function(nn.Cell):
 
 
 @functools.lru_cache(maxsize=None)
-def _interleave_ops() -> Tuple[ops.Custom, ops.Custom]:
-    """AOT ops of ``kernels/cpu/subpixel.cc``: (N, O*4, H, W) <-> (N, O, 2H, 2W)."""
+def _interleave_op() -> ops.Custom:
+    """Differentiable AOT op of ``kernels/cpu/subpixel.cc``: (N, O*4, H, W) -> (N, O, 2H, 2W),
+    whose backward is the kernel's adjoint."""
     def image_shape(maps):
         n, o4, h, w = maps
         return (n, o4 // 4, 2 * h, 2 * w)
@@ -685,33 +676,25 @@ def _interleave_ops() -> Tuple[ops.Custom, ops.Custom]:
     def float32(_):
         return ms.float32
 
-    return (aot_op("subpixel", "Interleave2x2", image_shape, float32),
-            aot_op("subpixel", "Interleave2x2Adjoint", maps_shape, float32))
+    adjoint = aot_op("subpixel", "Interleave2x2Adjoint", maps_shape, float32)
+
+    def bprop(maps, out, dout):
+        return (adjoint(dout),)
+
+    return aot_op("subpixel", "Interleave2x2", image_shape, float32, bprop=bprop)
 
 
-class _KernelDeconv2x2Function(nn.Cell):
+def _kernel_deconv2x2(x: Tensor, weight: Tensor) -> Tensor:
     """`_Deconv2x2Function` for factor 2 on the C++ kernels: one shared-weight batched product
     to the four sub-pixel maps, ``P[n] (O*4, H*W) = Wmᵀ · X[n]`` with ``Wm = weight`` viewed as
     (C, O*4), then the sub-pixel interleave of ``kernels/cpu/subpixel.cc``. No gather, no
     layout change (the row gather of `_Deconv2x2Function` copies 14-float rows for the mask
-    head, 0.15-0.45 s per step measured). Backward: the exact adjoint of both steps.
+    head, 0.15-0.45 s per step measured). Backward: both operators' own, the exact adjoints.
     """
-
-    # NCHW tensors go to the kernels unreshaped (a reshaped view is copied first, gemm.py).
-    def construct(self, x: Tensor, weight: Tensor) -> Tensor:
-        c, o = weight.shape[0], weight.shape[1]
-        interleave, _ = _interleave_ops()
-        maps = matmul(weight.reshape(c, o * 4), x, transpose_a=True, impl="kernel")  # (N,4O,H,W)
-        return interleave(maps)
-
-    def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
-        c, o = weight.shape[0], weight.shape[1]
-        _, interleave_adjoint = _interleave_ops()
-        dmaps = interleave_adjoint(dout)                                         # (N, 4O, H, W)
-        wmat = weight.reshape(c, o * 4)
-        dx = matmul(wmat, dmaps, impl="kernel")                                   # (N, C, H, W)
-        dweight = matmul(x, dmaps, transpose_b=True, impl="kernel")               # (N, C, 4O)
-        return dx, dweight.sum(0).reshape(weight.shape)
+    # x goes to the kernels unreshaped (a reshaped view is copied first, gemm.py).
+    c, o = weight.shape[0], weight.shape[1]
+    maps = matmul(weight.reshape(c, o * 4), x, transpose_a=True, impl="kernel")  # (N, 4O, H, W)
+    return _interleave_op()(maps)
 
 
 class UnfoldDeconv2x2(nn.Cell):
@@ -734,15 +717,16 @@ class UnfoldDeconv2x2(nn.Cell):
         # nn.Conv2dTranspose computes fan-in from its (C, O, k, k) weight shape as O*k*k.
         _init_weight_and_bias(self, (in_channels, out_channels, k, k), out_channels * k * k,
                               True, out_channels)
-        if matmul_impl == "kernel":
+        self.use_kernel = matmul_impl == "kernel"
+        if self.use_kernel:
             load_kernel()
-            _interleave_ops()
-            self.function = _KernelDeconv2x2Function()
+            _interleave_op()
         else:
             self.function = _Deconv2x2Function(k)
 
     def construct(self, x: Tensor) -> Tensor:
-        return ops.bias_add(self.function(x, self.weight), self.bias)
+        y = _kernel_deconv2x2(x, self.weight) if self.use_kernel else self.function(x, self.weight)
+        return ops.bias_add(y, self.bias)
 
 
 class WinogradConv2d(UnfoldConv2d):

@@ -114,11 +114,46 @@ def product_shape(a_shape: Sequence[int], b_shape: Sequence[int], transpose_a: b
     return tuple(batches) + (m, n)
 
 
+def _gradient_like(gradient: Tensor, operand: Tensor) -> Tensor:
+    """A product's gradient for ``operand``: summed over the batch axis when the operand was a
+    2-D matrix shared by a batched other operand, in the operand's shape."""
+    if operand.ndim == 2 and gradient.ndim == 3:
+        gradient = gradient.sum(0)
+    if tuple(gradient.shape) != tuple(operand.shape):
+        gradient = gradient.reshape(operand.shape)
+    return gradient
+
+
+def _product_bprop(transpose_a: bool, transpose_b: bool, extra_flags: Tuple[str, ...],
+                   precision: str):
+    """The backward of ``C = op(a) · op(b)``: two more products on the kernel, in the same
+    precision (``C = a·b``: da = dC·bᵀ, db = aᵀ·dC; ``C = a·bᵀ``: da = dC·b, db = dCᵀ·a;
+    ``C = aᵀ·b``: da = b·dCᵀ, db = a·dC), which the kernel's entry points cover."""
+    def product(a: Tensor, b: Tensor, ta: bool, tb: bool) -> Tensor:
+        return kernel_op(ta, tb, extra_flags, precision)(a, b)
+
+    def bprop(a: Tensor, b: Tensor, out: Tensor, dout: Tensor):
+        if transpose_b:
+            da, db = product(dout, b, False, False), product(dout, a, True, False)
+        elif transpose_a:
+            da, db = product(b, dout, False, True), product(a, dout, False, False)
+        else:
+            da, db = product(dout, b, False, True), product(a, dout, True, False)
+        return _gradient_like(da, a), _gradient_like(db, b)
+
+    return bprop
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_op(transpose_a: bool, transpose_b: bool, extra_flags: Tuple[str, ...] = (),
               precision: str = "float32") -> ops.Custom:
     """The AOT operator for one transposition and precision; its output shape follows from its
-    inputs'. ``extra_flags``: compiler flags of a library variant (tests build portable ones)."""
+    inputs'. ``extra_flags``: compiler flags of a library variant (tests build portable ones).
+
+    The operator is differentiable by itself (`_product_bprop`), so that layers built on it
+    need no bprop of their own, and a forward traced by ``ms.jit(capture_mode="trace")``
+    inside ``ms.value_and_grad`` differentiates through it (README, Known limits).
+    """
     function = _ENTRY_POINTS.get((transpose_a, transpose_b))
     if function is None:
         raise ValueError("the matmul kernel has no entry point with both operands transposed")
@@ -127,7 +162,8 @@ def kernel_op(transpose_a: bool, transpose_b: bool, extra_flags: Tuple[str, ...]
         function += "Bf16"
     return aot_op(_LIBRARY, function,
                   out_shape=lambda a, b: product_shape(a, b, transpose_a, transpose_b),
-                  out_dtype=lambda a, b: ms.float32, extra_flags=extra_flags)
+                  out_dtype=lambda a, b: ms.float32, extra_flags=extra_flags,
+                  bprop=_product_bprop(transpose_a, transpose_b, extra_flags, precision))
 
 
 def load_kernel() -> None:

@@ -15,18 +15,6 @@ from instaboost.models.layers.gemm import matmul, matmul_precision
 LINEAR_IMPLS = ("mindspore", "kernel")
 
 
-class _KernelLinearFunction(nn.Cell):
-    """y = x · Wᵀ for x (N, in), W (out, in) on the C++ kernel, backward on it too."""
-
-    def construct(self, x: Tensor, weight: Tensor) -> Tensor:
-        return matmul(x, weight, transpose_b=True, impl="kernel")
-
-    def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
-        dx = matmul(dout, weight, impl="kernel")                       # (N, in)
-        dweight = matmul(dout, x, transpose_a=True, impl="kernel")     # (out, in)
-        return dx, dweight
-
-
 class KernelDense(nn.Dense):
     """``nn.Dense`` (same ``weight`` (out, in) / ``bias`` (out,) parameters, names and
     initialisation, so checkpoints move freely) whose product runs on the C++ kernel under
@@ -37,12 +25,12 @@ class KernelDense(nn.Dense):
         if kwargs.get("activation") is not None:
             raise ValueError("KernelDense has no activation: apply it after the layer")
         super().__init__(in_channels, out_channels, **kwargs)
-        self.kernel_product = _KernelLinearFunction()
 
     def construct(self, x: Tensor) -> Tensor:
         if matmul_precision() != "bfloat16":
             return super().construct(x)
-        y = self.kernel_product(x, self.weight)
+        # y = x · Wᵀ; the kernel operator's backward: dx = dy · W, dW = dyᵀ · x
+        y = matmul(x, self.weight, transpose_b=True, impl="kernel")
         return y + self.bias if self.has_bias else y
 
 
