@@ -1,6 +1,7 @@
 """The unfold and Winograd convolution paths against MindSpore's native kernels (outputs and
 gradients)."""
 import math
+import traceback
 from typing import List
 
 import numpy as np
@@ -111,9 +112,7 @@ WINOGRAD_CASES = [
 def only_tiling(request, monkeypatch):
     """Every Winograd convolution of the test runs with this one tiling."""
     monkeypatch.setattr(winograd, "TILINGS", (request.param,))
-    winograd.transform_ops.cache_clear()
-    yield request.param
-    winograd.transform_ops.cache_clear()
+    return request.param
 
 
 @pytest.mark.parametrize("cin, cout, bias, shape", WINOGRAD_CASES)
@@ -125,6 +124,62 @@ def test_winograd_matches_native(cin, cout, bias, shape, only_tiling):
     fast = _winograd_always(build_conv2d(cin, cout, 3, padding=1, has_bias=bias,
                                          impl="winograd"))
     _assert_same(native, fast, shape, rng)
+
+
+@pytest.mark.parametrize("cin, cout, bias, shape", WINOGRAD_CASES)
+def test_winograd_operators_differentiate_themselves_like_the_layer(cin, cout, bias, shape,
+                                                                    only_tiling):
+    """`winograd_conv3x3`, differentiated through its operators' own backward (which keeps U
+    and V), gives the gradients of `WinogradConvFunction`'s recomputing bprop."""
+    rng = np.random.default_rng(SEED)
+    x = Tensor(rng.standard_normal(shape).astype(np.float32))
+    weight = Tensor(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32))
+
+    def loss(function):
+        def value(x, weight):
+            y = function(x, weight)
+            return (y * Tensor(np.cos(np.arange(y.size)).reshape(y.shape).astype(np.float32))).sum()
+        return ms.grad(value, grad_position=(0, 1))(x, weight)
+
+    for ours, layers in zip(loss(winograd.winograd_conv3x3), loss(winograd.WinogradConvFunction())):
+        np.testing.assert_allclose(ours.asnumpy(), layers.asnumpy(), rtol=1e-6,
+                                   atol=1e-6 * np.abs(layers.asnumpy()).max())
+
+
+def test_traced_winograd_forward_differentiates_on_new_inputs():
+    """A forward traced with ``ms.jit(capture_mode="trace")`` through the Winograd operators,
+    differentiated by PyNative's ``ms.grad``: the gradients of the eager layer on inputs of
+    other values (two layers of other channel counts share each operator and its bprop)."""
+    from mindspore.graph import jit_trace
+
+    rng = np.random.default_rng(SEED)
+    w1 = ms.Parameter(Tensor(rng.standard_normal((6, 3, 3, 3)).astype(np.float32)), name="w1")
+    w2 = ms.Parameter(Tensor(rng.standard_normal((4, 6, 3, 3)).astype(np.float32)), name="w2")
+
+    def forward(conv):
+        def net(x):
+            return (ops.relu(conv(ops.relu(conv(x, w1)), w2)) ** 2).sum()
+        return net
+
+    traced = ms.jit(forward(winograd.winograd_conv3x3), capture_mode="trace")
+    compiled = ms.grad(lambda x: traced(x), None, [w1, w2])
+    reference = ms.grad(forward(winograd.WinogradConvFunction()), None, [w1, w2])
+
+    def caller_lines():   # MindSpore's own fails on frames without source ("<frozen runpy>")
+        frames = [frame for frame, _ in traceback.walk_stack(None)
+                  if not frame.f_code.co_filename.startswith("<")]
+        return [f.f_code.co_filename for f in frames], [f.f_lineno for f in frames]
+
+    original = jit_trace._get_caller_lines
+    jit_trace._get_caller_lines = caller_lines
+    try:
+        for _ in range(3):
+            x = Tensor(rng.standard_normal((2, 3, 12, 10)).astype(np.float32))
+            for ours, layers in zip(compiled(x), reference(x)):
+                np.testing.assert_allclose(ours.asnumpy(), layers.asnumpy(), rtol=1e-4,
+                                           atol=1e-4 * np.abs(layers.asnumpy()).max())
+    finally:
+        jit_trace._get_caller_lines = original
 
 
 def _winograd_always(conv):

@@ -68,7 +68,7 @@ def test_kernel_matches_mindspore(activation, shape):
     # The kernel cell (last) returns the same zero tensors as its statistics' gradients every
     # backward pass: nothing may have written into them.
     assert cell.impl == "kernel"
-    assert not any(zeros.asnumpy().any() for zeros in cell.function.no_gradients)
+    assert not any(zeros.asnumpy().any() for zeros in cell.no_gradients)
 
 
 def test_eval_mode_and_fixed_statistics_run_on_mindspore():

@@ -250,18 +250,26 @@ def _make_plan(groups: int, batch: int, height: int, width: int, channels_per_gr
 # --------------------------------------------------------------------------------------------
 # Layout helpers
 # --------------------------------------------------------------------------------------------
-# The layout kernels run inside the unfold functions' own forward and bprop only, so they need
-# no bprop of their own.
+# The layout kernels differentiate themselves (each is the other's adjoint, up to the row
+# table's zero row), so that a forward made of them needs no bprop cell.
 @functools.lru_cache(maxsize=None)
 def _swap_last_axes_op() -> ops.Custom:
+    def bprop(x, out, dout):
+        return (_swap_last_axes_op()(dout),)
+
     return aot_op("transpose", "SwapLastAxes", out_shape=lambda s: tuple(s[:-2]) + (s[-1], s[-2]),
-                  out_dtype=lambda d: d)
+                  out_dtype=lambda d: d, bprop=bprop)
 
 
 @functools.lru_cache(maxsize=None)
 def _row_table_op() -> ops.Custom:
+    def bprop(x, out, dout):
+        n, c, h, w = x.shape
+        return (_row_table_to_nchw(dout, 1, n, c, h, w, use_kernel=True),)
+
     return aot_op("transpose", "ToRowTable",
-                  out_shape=lambda s: (s[0] * math.prod(s[2:]) + 1, s[1]), out_dtype=lambda d: d)
+                  out_shape=lambda s: (s[0] * math.prod(s[2:]) + 1, s[1]), out_dtype=lambda d: d,
+                  bprop=bprop)
 
 
 def _swap_last_axes(x: Tensor, use_kernel: bool) -> Tensor:

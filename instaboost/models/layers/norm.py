@@ -47,23 +47,45 @@ _ENTRY_POINTS = {"none": ("BatchNormTrain", "BatchNormTrainGrad"),
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_ops(activation: str) -> Tuple[ops.Custom, ops.Custom]:
-    """(forward, backward) AOT operators of one activation (see batch_norm.cc)."""
-    forward, backward = _ENTRY_POINTS[activation]
+def _backward_op(activation: str) -> ops.Custom:
+    """The backward AOT operator of one activation (see batch_norm.cc)."""
     add = activation == "add_relu"
-
-    def forward_shapes(x, *_):
-        per_channel = (x[1],)
-        return (tuple(x),) + (per_channel,) * 4          # y, mean, var, new running mean / var
 
     def backward_shapes(x, *_):
         per_channel = (x[1],)
         return ((tuple(x), tuple(x)) if add else (tuple(x),)) + (per_channel, per_channel)
 
     backward_count = 4 if add else 3
-    return (aot_op(_LIBRARY, forward, forward_shapes, lambda *_: (ms.float32,) * 5),
-            aot_op(_LIBRARY, backward, backward_shapes,
-                   lambda *_: (ms.float32,) * backward_count))
+    return aot_op(_LIBRARY, _ENTRY_POINTS[activation][1], backward_shapes,
+                  lambda *_: (ms.float32,) * backward_count)
+
+
+def _forward_op(activation: str, no_gradients: "_NoGradients") -> ops.Custom:
+    """The forward AOT operator of one activation, differentiable by itself: the backward
+    kernel gives the input's (and with "add_relu" the residual's), gamma's and beta's
+    gradients; the running statistics and settings get ``no_gradients`` (they are not
+    trained). One per layer, for its constants."""
+    backward = _backward_op(activation)
+
+    def forward_shapes(x, *_):
+        per_channel = (x[1],)
+        return (tuple(x),) + (per_channel,) * 4          # y, mean, var, new running mean / var
+
+    no_stats = (no_gradients.running_mean, no_gradients.running_var, no_gradients.settings)
+    if activation == "add_relu":
+        def bprop(x, residual, gamma, beta, running_mean, running_var, settings, out, dout):
+            dx, dresidual, dgamma, dbeta = backward(x, dout[0], out[0], out[1], out[2], gamma,
+                                                    settings)
+            return (dx, dresidual, dgamma, dbeta) + no_stats
+    elif activation == "relu":
+        def bprop(x, gamma, beta, running_mean, running_var, settings, out, dout):
+            return backward(x, dout[0], out[0], out[1], out[2], gamma, settings) + no_stats
+    else:
+        def bprop(x, gamma, beta, running_mean, running_var, settings, out, dout):
+            return backward(x, dout[0], out[1], out[2], gamma, settings) + no_stats
+
+    return aot_op(_LIBRARY, _ENTRY_POINTS[activation][0], forward_shapes,
+                  lambda *_: (ms.float32,) * 5, bprop=bprop)
 
 
 class _NoGradients(NamedTuple):
@@ -80,55 +102,6 @@ class _NoGradients(NamedTuple):
         return cls(Tensor(np.zeros(num_features, np.float32)),
                    Tensor(np.zeros(num_features, np.float32)),
                    Tensor(np.zeros(settings.shape, np.float32)))
-
-
-class _BatchNormFunction(nn.Cell):
-    """(x, gamma, beta, running_mean, running_var, settings) -> (y, mean, var, new running mean,
-    new running var), y = act(bn(x)) with the batch's statistics, settings = (eps, momentum);
-    the backward is the kernel's (the statistics get no gradient: they only feed the running
-    statistics)."""
-
-    def __init__(self, activation: str, no_gradients: _NoGradients):
-        super().__init__()
-        self.relu = activation == "relu"
-        self.forward, self.backward = _kernel_ops(activation)
-        self.no_gradients = no_gradients
-
-    def construct(self, x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor,
-                  running_var: Tensor, settings: Tensor):
-        return self.forward(x, gamma, beta, running_mean, running_var, settings)
-
-    def bprop(self, x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor,
-              running_var: Tensor, settings: Tensor, out, dout):
-        y, mean, var = out[0], out[1], out[2]
-        if self.relu:
-            dx, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, settings)
-        else:
-            dx, dgamma, dbeta = self.backward(x, dout[0], mean, var, gamma, settings)
-        zeros = self.no_gradients
-        return dx, dgamma, dbeta, zeros.running_mean, zeros.running_var, zeros.settings
-
-
-class _BatchNormAddReluFunction(nn.Cell):
-    """(x, residual, gamma, beta, running_mean, running_var, settings) -> as `_BatchNormFunction`
-    with y = relu(bn(x) + residual)."""
-
-    def __init__(self, no_gradients: _NoGradients):
-        super().__init__()
-        self.forward, self.backward = _kernel_ops("add_relu")
-        self.no_gradients = no_gradients
-
-    def construct(self, x: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor,
-                  running_mean: Tensor, running_var: Tensor, settings: Tensor):
-        return self.forward(x, residual, gamma, beta, running_mean, running_var, settings)
-
-    def bprop(self, x: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor,
-              running_mean: Tensor, running_var: Tensor, settings: Tensor, out, dout):
-        y, mean, var = out[0], out[1], out[2]
-        dx, dresidual, dgamma, dbeta = self.backward(x, dout[0], y, mean, var, gamma, settings)
-        zeros = self.no_gradients
-        return (dx, dresidual, dgamma, dbeta, zeros.running_mean, zeros.running_var,
-                zeros.settings)
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -154,9 +127,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
             # The kernels' settings: (eps, momentum) with MindSpore's momentum convention
             # (self.momentum, the weight of the batch statistics).
             self.settings = Tensor([self.eps, self.momentum], ms.float32)
-            no_gradients = _NoGradients.of(num_features, self.settings)
-            self.function = (_BatchNormAddReluFunction(no_gradients) if activation == "add_relu"
-                             else _BatchNormFunction(activation, no_gradients))
+            no_gradients = self.no_gradients = _NoGradients.of(num_features, self.settings)
+            # (x[, residual], gamma, beta, running mean, running var, settings) -> (y, batch
+            # mean, batch var, new running mean, new running var); differentiable by itself.
+            self.function = _forward_op(activation, no_gradients)
 
     def _uses_batch_statistics(self) -> bool:
         if self.use_batch_statistics is None:

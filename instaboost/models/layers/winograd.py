@@ -18,7 +18,10 @@ tiles, 51,200 products per channel pair, where 2,048 F4 tiles, one 16x16 block p
 
 The backward pass is the exact adjoint: ``dM = A dY Aᵀ``, ``dU[p] = dM[p] · V[p]ᵀ``,
 ``dV[p] = U[p]ᵀ · dM[p]``, ``dx = B dV Bᵀ`` scattered back over the overlapping tiles,
-``dg = Gᵀ dU G``. V is recomputed in the backward pass instead of being kept alive.
+``dg = Gᵀ dU G``. `WinogradConvFunction`, which the layers use, recomputes U and V in its
+backward pass instead of keeping them alive. Every operator also differentiates itself with its
+adjoint kernel (`winograd_conv3x3`, the same gradients): the form MindSpore can differentiate
+under a traced forward (README, Known limits).
 
 The tile tensors are split into chunks of at most `TILE_CHUNK` tiles, one MindSpore tensor per
 chunk: concatenating or slicing the large tensors copies at a few hundred MB/s, and MindSpore's
@@ -40,7 +43,7 @@ gradients alike (2.4e-3 for a direct convolution).
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -57,7 +60,6 @@ MAX_CANVAS_COLUMNS = 8
 # products of the same pair (three per product, fwd, dU and dV, 0.04 ns at ~150 GFLOP/s).
 WEIGHT_POINT_COST = 50
 _LIBRARY = "winograd_conv3x3"
-_OP_CACHE_SIZE = 256
 
 
 class Tiling(NamedTuple):
@@ -148,44 +150,91 @@ class _TransformOps(NamedTuple):
     weight_adjoint: ops.Custom   # dU -> dg
 
 
-def _custom(function: str, shapes: List[Tuple[int, ...]]) -> ops.Custom:
-    """An AOT op of ``kernels/cpu/winograd_conv3x3.cc`` with fixed output shapes.
+def _one_or_tuple(items: list):
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+def _chunk_shapes(tiling: Tiling, batch: int, channels: int, height: int, width: int) -> list:
+    """Shapes of the tile tensors (points, channels, tiles) of an input shape in ``tiling``."""
+    layout = Layout(tiling, choose_canvas(batch, height, width, tiling))
+    return [(tiling.points, channels, tiles) for tiles in layout.chunks]
+
+
+def _custom(function: str, out_shape, count: int = 1, bprop=None) -> ops.Custom:
+    """A float32 AOT op of ``kernels/cpu/winograd_conv3x3.cc`` with ``count`` outputs whose
+    shapes ``out_shape`` computes from the input shapes.
 
     MindSpore caches an AOT op's inferred output shape by the op's input shapes, so every op's
     inputs must determine its outputs: the output transform and the input adjoint therefore
-    also take the convolution input x (not read), see the kernel source.
+    also take the convolution input x (not read), see the kernel source. The ops (and their
+    bprops) hold nothing of one shape: the graph compiler reuses an operator's bprop graph for
+    every call of that kernel function.
     """
-    single = len(shapes) == 1
-    out_shape = shapes[0] if single else tuple(shapes)
-    out_dtype = ms.float32 if single else tuple(ms.float32 for _ in shapes)
-    return aot_op(_LIBRARY, function, lambda *_: out_shape, lambda *_: out_dtype)
+    dtype = _one_or_tuple([ms.float32] * count)
+    return aot_op(_LIBRARY, function, out_shape, lambda *_: dtype, bprop=bprop)
 
 
 @functools.lru_cache(maxsize=None)
 def weight_ops(tiling: Tiling) -> Tuple[ops.Custom, ops.Custom]:
-    """(G g Gᵀ: (O, C, 3, 3) -> U (points, O, C), its adjoint: dU -> dg (O, C, 3, 3))."""
+    """(G g Gᵀ: (O, C, 3, 3) -> U (points, O, C), differentiable; its adjoint: dU -> dg)."""
     points = tiling.points
+    adjoint = aot_op(_LIBRARY, f"Winograd{tiling.name}WeightAdjoint",
+                     lambda u: (u[1], u[2], 3, 3), lambda d: d)
+
+    def bprop(g, out, dout):
+        return (adjoint(dout),)
+
     return (aot_op(_LIBRARY, f"Winograd{tiling.name}Weight", lambda g: (points, g[0], g[1]),
-                   lambda d: d),
-            aot_op(_LIBRARY, f"Winograd{tiling.name}WeightAdjoint",
-                   lambda u: (u[1], u[2], 3, 3), lambda d: d))
+                   lambda d: d, bprop=bprop),
+            adjoint)
 
 
-@functools.lru_cache(maxsize=_OP_CACHE_SIZE)
+@functools.lru_cache(maxsize=None)
+def _chunked_ops(tiling: Tiling, chunks: int) -> _TransformOps:
+    """The transform operators of every input shape whose layout has this tiling and chunk
+    count, differentiable by themselves (each one's adjoint kernel is its backward)."""
+    prefix = "Winograd" + tiling.name
+    weight, weight_adjoint = weight_ops(tiling)
+    input_adjoint = _custom(prefix + "InputAdjoint", lambda x, *_: tuple(x))
+    output_adjoint = _custom(
+        prefix + "OutputAdjoint", lambda dy: _one_or_tuple(_chunk_shapes(tiling, *dy)), chunks)
+
+    # The graph compiler needs a bprop's parameters named: one, two and more chunks each have
+    # their own (the last only runs in PyNative mode). x is an input for its shape only.
+    def input_bprop_1(x, out, dout):                     # dx = B dV Bᵀ over the tiles
+        return (input_adjoint(x, dout),)
+
+    def input_bprop_2(x, out, dout):
+        return (input_adjoint(x, dout[0], dout[1]),)
+
+    def input_bprop_n(x, out, dout):
+        return (input_adjoint(x, *dout),)
+
+    def output_bprop_1(x, m0, out, dout):                # dM = A dY Aᵀ
+        return ops.zeros_like(x), output_adjoint(dout)
+
+    def output_bprop_2(x, m0, m1, out, dout):
+        return (ops.zeros_like(x),) + output_adjoint(dout)
+
+    def output_bprop_n(*args):                           # (x, M_0..M_k, out, dout)
+        return (ops.zeros_like(args[0]),) + output_adjoint(args[-1])
+
+    input_bprop = {1: input_bprop_1, 2: input_bprop_2}.get(chunks, input_bprop_n)
+    output_bprop = {1: output_bprop_1, 2: output_bprop_2}.get(chunks, output_bprop_n)
+    return _TransformOps(
+        input=_custom(prefix + "Input", lambda x: _one_or_tuple(_chunk_shapes(tiling, *x)), chunks,
+                      input_bprop),
+        output=_custom(prefix + "Output", lambda x, m0, *_: (x[0], m0[1], x[2], x[3]),
+                       bprop=output_bprop),
+        input_adjoint=input_adjoint, output_adjoint=output_adjoint,
+        weight=weight, weight_adjoint=weight_adjoint)
+
+
 def transform_ops(batch: int, in_channels: int, out_channels: int, height: int,
                   width: int) -> _TransformOps:
     """The transform operators for inputs (batch, in_channels, height, width)."""
     layout = choose_layout(batch, height, width)
-    points, prefix = layout.tiling.points, "Winograd" + layout.tiling.name
-    weight, weight_adjoint = weight_ops(layout.tiling)
-    input_chunks = [(points, in_channels, tiles) for tiles in layout.chunks]
-    output_chunks = [(points, out_channels, tiles) for tiles in layout.chunks]
-    return _TransformOps(
-        input=_custom(prefix + "Input", input_chunks),
-        output=_custom(prefix + "Output", [(batch, out_channels, height, width)]),
-        input_adjoint=_custom(prefix + "InputAdjoint", [(batch, in_channels, height, width)]),
-        output_adjoint=_custom(prefix + "OutputAdjoint", output_chunks),
-        weight=weight, weight_adjoint=weight_adjoint)
+    return _chunked_ops(layout.tiling, len(layout.chunks))
 
 
 def _product(a: Tensor, b: Tensor, transpose_a: bool = False, transpose_b: bool = False) -> Tensor:
@@ -197,8 +246,23 @@ def _as_tuple(result) -> Tuple[Tensor, ...]:
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
+def winograd_conv3x3(x: Tensor, weight: Tensor) -> Tensor:
+    """y = conv3x3(x, weight), stride 1, padding 1, no bias, by Winograd (`choose_layout`).
+
+    x float32 (N, C, H, W); weight float32 (O, C, 3, 3) -> float32 (N, O, H, W). Differentiable
+    through its operators' own backward, which keeps U and the input tiles V for it (about
+    0.75 GB more at 512², batch 2); `WinogradConvFunction` recomputes them instead (measured
+    at the same speed in the train step).
+    """
+    n, c, h, w = x.shape
+    transforms = transform_ops(n, c, weight.shape[0], h, w)
+    u = transforms.weight(weight)
+    products = [_product(u, v) for v in _as_tuple(transforms.input(x))]
+    return transforms.output(x, *products)
+
+
 class WinogradConvFunction(nn.Cell):
-    """y = conv3x3(x, weight), stride 1, padding 1, no bias, by Winograd F(4, 3).
+    """`winograd_conv3x3` with a backward that recomputes U and V instead of keeping them.
 
     Inputs: x float32 (N, C, H, W); weight float32 (O, C, 3, 3). Output float32 (N, O, H, W).
     """
@@ -212,10 +276,7 @@ class WinogradConvFunction(nn.Cell):
         return transform_ops(n, c, weight.shape[0], h, w)
 
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
-        transforms = self._ops(x, weight)
-        u = transforms.weight(weight)
-        products = [_product(u, v) for v in _as_tuple(transforms.input(x))]
-        return transforms.output(x, *products)
+        return winograd_conv3x3(x, weight)
 
     def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
         transforms = self._ops(x, weight)
