@@ -1,4 +1,6 @@
 """Shared test helpers."""
+import contextlib
+import traceback
 from pathlib import Path
 
 import pytest
@@ -13,3 +15,24 @@ def shared_data_dir(name: str) -> Path:
     if not (path / "annotations.json").is_file():
         pytest.skip(f"real test data {path} is absent (a user's clone has no ../shared/data)")
     return path
+
+
+@contextlib.contextmanager
+def traceable_call_stack():
+    """Lets ``ms.jit(capture_mode="trace")`` run under pytest. MindSpore 2.10 records the file
+    and line of every calling frame for each traced operator and fails on a frame without
+    source (pytest started with ``python -m`` has "<frozen runpy>"); this gives it the frames
+    that have a file."""
+    from mindspore.graph import jit_trace
+
+    def caller_lines():
+        frames = [frame for frame, _ in traceback.walk_stack(None)
+                  if not frame.f_code.co_filename.startswith("<")]
+        return [f.f_code.co_filename for f in frames], [f.f_lineno for f in frames]
+
+    original = jit_trace._get_caller_lines
+    jit_trace._get_caller_lines = caller_lines
+    try:
+        yield
+    finally:
+        jit_trace._get_caller_lines = original

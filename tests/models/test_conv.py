@@ -1,7 +1,6 @@
 """The unfold and Winograd convolution paths against MindSpore's native kernels (outputs and
 gradients)."""
 import math
-import traceback
 from typing import List
 
 import numpy as np
@@ -15,6 +14,7 @@ from instaboost.models.layers.conv import (MIN_SHARED_WEIGHT_PIXELS, UnfoldConv2
                                            UnfoldDeconv2x2, WinogradConv2d,
                                            build_conv2d, build_deconv2x2, disable_input_grad,
                                            subsample)
+from tests.helpers import traceable_call_stack
 
 RTOL = 1e-4
 SEED = 0
@@ -150,8 +150,6 @@ def test_traced_winograd_forward_differentiates_on_new_inputs():
     """A forward traced with ``ms.jit(capture_mode="trace")`` through the Winograd operators,
     differentiated by PyNative's ``ms.grad``: the gradients of the eager layer on inputs of
     other values (two layers of other channel counts share each operator and its bprop)."""
-    from mindspore.graph import jit_trace
-
     rng = np.random.default_rng(SEED)
     w1 = ms.Parameter(Tensor(rng.standard_normal((6, 3, 3, 3)).astype(np.float32)), name="w1")
     w2 = ms.Parameter(Tensor(rng.standard_normal((4, 6, 3, 3)).astype(np.float32)), name="w2")
@@ -165,21 +163,12 @@ def test_traced_winograd_forward_differentiates_on_new_inputs():
     compiled = ms.grad(lambda x: traced(x), None, [w1, w2])
     reference = ms.grad(forward(winograd.WinogradConvFunction()), None, [w1, w2])
 
-    def caller_lines():   # MindSpore's own fails on frames without source ("<frozen runpy>")
-        frames = [frame for frame, _ in traceback.walk_stack(None)
-                  if not frame.f_code.co_filename.startswith("<")]
-        return [f.f_code.co_filename for f in frames], [f.f_lineno for f in frames]
-
-    original = jit_trace._get_caller_lines
-    jit_trace._get_caller_lines = caller_lines
-    try:
+    with traceable_call_stack():
         for _ in range(3):
             x = Tensor(rng.standard_normal((2, 3, 12, 10)).astype(np.float32))
             for ours, layers in zip(compiled(x), reference(x)):
                 np.testing.assert_allclose(ours.asnumpy(), layers.asnumpy(), rtol=1e-4,
                                            atol=1e-4 * np.abs(layers.asnumpy()).max())
-    finally:
-        jit_trace._get_caller_lines = original
 
 
 def _winograd_always(conv):

@@ -2,7 +2,6 @@
 paths use, with sizes that cross its register-tile and cache-block edges, in float32 and in
 bfloat16 precision (operands rounded to bfloat16, float32 accumulation)."""
 import platform
-import traceback
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from mindspore import Tensor
 from instaboost.models.layers.gemm import (kernel_op, matmul, matmul_precision, product_shape,
                                            set_matmul_precision, use_matmul_precision)
 from instaboost.models.layers.native_kernels import kernel_library
+from tests.helpers import traceable_call_stack
 
 SEED = 0
 RTOL = 1e-5
@@ -221,7 +221,6 @@ def test_traced_forward_differentiates_through_the_kernel_on_new_inputs():
     with (MindSpore 2.10 fails there with cells that hold a custom bprop: README)."""
     import mindspore as ms
     from mindspore import Parameter, ops
-    from mindspore.graph import jit_trace
 
     rng = np.random.default_rng(SEED)
     weight = Parameter(Tensor(rng.standard_normal((4, 3)).astype(np.float32)), name="w")
@@ -234,19 +233,8 @@ def test_traced_forward_differentiates_through_the_kernel_on_new_inputs():
     traced = ms.jit(lambda x: loss(x, op), capture_mode="trace")
     reference = ms.grad(lambda x: loss(x, ops.matmul), None, [weight])
     compiled = ms.grad(lambda x: traced(x), None, [weight])
-    # MindSpore's trace reads each calling frame's source line and fails on a frame without
-    # one (pytest started with ``python -m``: "<frozen runpy>"); it needs only files and lines.
-    def caller_lines():
-        frames = [frame for frame, _ in traceback.walk_stack(None)
-                  if not frame.f_code.co_filename.startswith("<")]
-        return [f.f_code.co_filename for f in frames], [f.f_lineno for f in frames]
-
-    original = jit_trace._get_caller_lines
-    jit_trace._get_caller_lines = caller_lines
-    try:
+    with traceable_call_stack():
         for _ in range(3):
             x = Tensor(rng.standard_normal((5, 4)).astype(np.float32))
             np.testing.assert_allclose(compiled(x)[0].asnumpy(), reference(x)[0].asnumpy(),
                                        rtol=1e-5, atol=1e-5)
-    finally:
-        jit_trace._get_caller_lines = original
