@@ -25,8 +25,11 @@ are multiplied with float32 FMAs: identical numerics, no speed-up. The setting a
 kernel's products only (``impl="kernel"``); Winograd's batched products stay float32
 (winograd.py: its transforms amplify bfloat16 rounding tenfold, 2.5e-2 RMS measured).
 
-Neither is differentiated by MindSpore here: the convolution functions that call ``matmul``
-(``conv.py``, ``winograd.py``) have their own ``bprop``, written with ``matmul`` too.
+**Gradients.** The kernel's operator differentiates itself (two more kernel products, in the
+same precision), so the layers that are one product (the shared-weight 1x1 convolution, the
+kernel deconvolution, ``KernelDense``) need no bprop of their own; the unfold and Winograd
+convolutions keep bprop cells that recompute their patches / tiles instead of keeping them.
+With ``impl="mindspore"`` MindSpore differentiates its MatMul/BatchMatMul as usual.
 """
 from __future__ import annotations
 
