@@ -6,9 +6,10 @@
 Why: a float32 CPU train step at 512² (``bench_train_step.py``) makes about 2,600 operator
 calls, and MindSpore's profiler puts 0.6-0.8 s of its 4.1-4.5 s between them. The step runs in
 PyNative mode because the detector does not compile under ``ms.jit`` (README, Known limits).
-This measures what compiling would buy per call, on the pattern every CPU convolution of the
-project uses: a cell whose ``construct`` calls a C++ AOT operator (here the matmul kernel of
-``instaboost.models.layers.gemm``) and whose ``bprop`` calls it twice (the two gradients).
+This measures what compiling would buy per call, on the pattern of the project's unfold and
+Winograd convolutions: a cell whose ``construct`` calls a C++ AOT operator (here the matmul
+kernel of ``instaboost.models.layers.gemm``) and whose ``bprop`` calls it twice (the two
+gradients).
 
 A chain of ``--layers`` such cells on tiny operands (``--size``², so that the kernels' own work
 is negligible) is differentiated with ``ms.grad``, once in PyNative mode and once compiled with
@@ -46,12 +47,14 @@ OPS_PER_LAYER = 3  # one forward product, two backward products
 
 
 class KernelProductLayer(nn.Cell):
-    """y = x · w on the C++ kernel, with a bprop cell as the project's convolutions have.
+    """y = x · w on the C++ kernel, with a bprop cell as the unfold and Winograd convolutions
+    have (the bprop repeats the two products of the operator's own backward, `gemm.kernel_op`,
+    on purpose: the cell is the pattern measured).
 
-    The kernel dense layer's function (``layers/linear.py``) is the same computation, but it
-    reaches the kernel through ``gemm.matmul``, whose cached op lookup the graph compiler cannot
-    parse ("func graph is empty" at ``matmul``), so it cannot be timed compiled; this cell holds
-    its three operators instead, as a graph-compilable convolution would.
+    ``KernelDense`` (``layers/linear.py``) is the same product, but it reaches the kernel through
+    ``gemm.matmul``, whose cached op lookup the graph compiler cannot parse ("func graph is
+    empty" at ``matmul``), so it cannot be timed compiled; this cell holds its three operators
+    instead, as a graph-compilable convolution would.
     """
 
     def __init__(self):

@@ -112,7 +112,9 @@ WINOGRAD_CASES = [
 def only_tiling(request, monkeypatch):
     """Every Winograd convolution of the test runs with this one tiling."""
     monkeypatch.setattr(winograd, "TILINGS", (request.param,))
-    return request.param
+    winograd.choose_layout.cache_clear()
+    yield request.param
+    winograd.choose_layout.cache_clear()
 
 
 @pytest.mark.parametrize("cin, cout, bias, shape", WINOGRAD_CASES)
@@ -144,6 +146,25 @@ def test_winograd_operators_differentiate_themselves_like_the_layer(cin, cout, b
     for ours, layers in zip(loss(winograd.winograd_conv3x3), loss(winograd.WinogradConvFunction())):
         np.testing.assert_allclose(ours.asnumpy(), layers.asnumpy(), rtol=1e-6,
                                    atol=1e-6 * np.abs(layers.asnumpy()).max())
+
+
+@pytest.mark.parametrize("layout", ["row_table", "swap_last_axes"])
+def test_layout_kernels_differentiate_themselves(layout):
+    """The C++ layout operators' own backward (each the other's adjoint) gives the gradient of
+    the same layout change made of MindSpore operators."""
+    from instaboost.models.layers import conv
+
+    def change(use_kernel):
+        if layout == "row_table":
+            return lambda x: conv._to_row_table(x, 1, use_kernel)
+        return lambda x: conv._swap_last_axes(x, use_kernel)
+
+    rng = np.random.default_rng(SEED)
+    x = Tensor(rng.standard_normal((2, 5, 3, 4)).astype(np.float32))
+    weights = Tensor(rng.standard_normal(change(False)(x).shape).astype(np.float32))
+    kernel, reference = (ms.grad(lambda x, f=change(k): (f(x) * weights).sum())(x)
+                         for k in (True, False))
+    np.testing.assert_array_equal(kernel.asnumpy(), reference.asnumpy())
 
 
 def test_traced_winograd_forward_differentiates_on_new_inputs():

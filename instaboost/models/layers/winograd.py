@@ -60,6 +60,8 @@ MAX_CANVAS_COLUMNS = 8
 # products of the same pair (three per product, fwd, dU and dV, 0.04 ns at ~150 GFLOP/s).
 WEIGHT_POINT_COST = 50
 _LIBRARY = "winograd_conv3x3"
+# Input shapes whose layout is remembered: every Winograd call asks for it, forward and backward.
+_LAYOUT_CACHE_SIZE = 256
 
 
 class Tiling(NamedTuple):
@@ -130,6 +132,7 @@ def choose_canvas(batch: int, height: int, width: int, tiling: Tiling = F4) -> C
     return best
 
 
+@functools.lru_cache(maxsize=_LAYOUT_CACHE_SIZE)
 def choose_layout(batch: int, height: int, width: int) -> Layout:
     """The tiling of least cost for this shape (F4 on a tie: its transforms are cheaper and more
     accurate), on its best canvas. F6's 64 weight points cost more than F4's 36 whatever the
@@ -230,9 +233,8 @@ def _chunked_ops(tiling: Tiling, chunks: int) -> _TransformOps:
         weight=weight, weight_adjoint=weight_adjoint)
 
 
-def transform_ops(batch: int, in_channels: int, out_channels: int, height: int,
-                  width: int) -> _TransformOps:
-    """The transform operators for inputs (batch, in_channels, height, width)."""
+def transform_ops(batch: int, height: int, width: int) -> _TransformOps:
+    """The transform operators for inputs (batch, any channels, height, width)."""
     layout = choose_layout(batch, height, width)
     return _chunked_ops(layout.tiling, len(layout.chunks))
 
@@ -254,8 +256,8 @@ def winograd_conv3x3(x: Tensor, weight: Tensor) -> Tensor:
     0.75 GB more at 512², batch 2); `WinogradConvFunction` recomputes them instead (measured
     at the same speed in the train step).
     """
-    n, c, h, w = x.shape
-    transforms = transform_ops(n, c, weight.shape[0], h, w)
+    n, _, h, w = x.shape
+    transforms = transform_ops(n, h, w)
     u = transforms.weight(weight)
     products = [_product(u, v) for v in _as_tuple(transforms.input(x))]
     return transforms.output(x, *products)
@@ -272,8 +274,8 @@ class WinogradConvFunction(nn.Cell):
         kernel_library(_LIBRARY)  # build (or find) the C++ kernels now: errors surface at build
 
     def _ops(self, x: Tensor, weight: Tensor) -> _TransformOps:
-        n, c, h, w = x.shape
-        return transform_ops(n, c, weight.shape[0], h, w)
+        n, _, h, w = x.shape
+        return transform_ops(n, h, w)
 
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
         return winograd_conv3x3(x, weight)
