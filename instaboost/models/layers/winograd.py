@@ -143,7 +143,7 @@ def choose_layout(batch: int, height: int, width: int) -> Layout:
 
 
 class _TransformOps(NamedTuple):
-    """AOT operators of one (batch, C, O, H, W) configuration."""
+    """AOT operators of every input shape whose layout has one tiling and chunk count."""
 
     input: ops.Custom            # x -> (V_0, ..., V_k)
     output: ops.Custom           # (x, M_0, ..., M_k) -> y        (x only for its shape)
@@ -157,10 +157,11 @@ def _one_or_tuple(items: list):
     return items[0] if len(items) == 1 else tuple(items)
 
 
-def _chunk_shapes(tiling: Tiling, batch: int, channels: int, height: int, width: int) -> list:
-    """Shapes of the tile tensors (points, channels, tiles) of an input shape in ``tiling``."""
-    layout = Layout(tiling, choose_canvas(batch, height, width, tiling))
-    return [(tiling.points, channels, tiles) for tiles in layout.chunks]
+def _chunk_shapes(batch: int, channels: int, height: int, width: int) -> list:
+    """Shapes of the tile tensors (points, channels, tiles) of an input shape, in the (cached)
+    layout that also picked the operators."""
+    layout = choose_layout(batch, height, width)
+    return [(layout.tiling.points, channels, tiles) for tiles in layout.chunks]
 
 
 def _custom(function: str, out_shape, count: int = 1, bprop=None) -> ops.Custom:
@@ -200,7 +201,7 @@ def _chunked_ops(tiling: Tiling, chunks: int) -> _TransformOps:
     weight, weight_adjoint = weight_ops(tiling)
     input_adjoint = _custom(prefix + "InputAdjoint", lambda x, *_: tuple(x))
     output_adjoint = _custom(
-        prefix + "OutputAdjoint", lambda dy: _one_or_tuple(_chunk_shapes(tiling, *dy)), chunks)
+        prefix + "OutputAdjoint", lambda dy: _one_or_tuple(_chunk_shapes(*dy)), chunks)
 
     # The graph compiler needs a bprop's parameters named: one, two and more chunks each have
     # their own (the last only runs in PyNative mode). x is an input for its shape only.
@@ -225,7 +226,7 @@ def _chunked_ops(tiling: Tiling, chunks: int) -> _TransformOps:
     input_bprop = {1: input_bprop_1, 2: input_bprop_2}.get(chunks, input_bprop_n)
     output_bprop = {1: output_bprop_1, 2: output_bprop_2}.get(chunks, output_bprop_n)
     return _TransformOps(
-        input=_custom(prefix + "Input", lambda x: _one_or_tuple(_chunk_shapes(tiling, *x)), chunks,
+        input=_custom(prefix + "Input", lambda x: _one_or_tuple(_chunk_shapes(*x)), chunks,
                       input_bprop),
         output=_custom(prefix + "Output", lambda x, m0, *_: (x[0], m0[1], x[2], x[3]),
                        bprop=output_bprop),
