@@ -174,6 +174,25 @@ def test_sweep_dying_after_start_leaves_no_running_parent(tmp_path, mlflow_uri) 
     assert runs[0].info.status == "FAILED"
 
 
+def test_unusable_device_names_the_key_and_fails_the_run(tmp_path, mlflow_uri) -> None:
+    # hardware=gpu where MindSpore's GPU backend cannot load (CI has no GPU): the real train
+    # task refuses it at its first step, naming the key, and its MLflow run ends FAILED.
+    proc = subprocess.run(
+        [sys.executable, "run.py", *SMOKE_OVERRIDES, "hardware=gpu",
+         *_store_args(tmp_path, mlflow_uri)],
+        cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
+    (run,) = _runs(mlflow_uri).values()
+    assert run.data.params["hardware.device_target"] == "GPU"
+    if proc.returncode == 0:
+        pytest.skip("MindSpore runs on a GPU on this machine")
+    assert "ConfigError: hardware.device_target: MindSpore cannot run on 'GPU'" in proc.stderr
+    assert "CUDA 11" in proc.stderr
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("ConfigError: hardware.device_target")
+
+
 @pytest.mark.slow
 def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
     """Two smoke trainings with the real ``train`` task: one parent, two FINISHED children."""

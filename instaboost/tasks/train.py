@@ -14,6 +14,7 @@ from mindspore import nn
 from omegaconf import DictConfig, OmegaConf
 
 from instaboost.builders import build_detector, uses_cpu_kernels
+from instaboost.config.validate import ConfigError
 from instaboost.data.coco import CocoSource
 from instaboost.data.demo_data import ensure_demo_dataset
 from instaboost.data.pipeline import build_eval_dataset, build_train_dataset
@@ -34,9 +35,22 @@ log = logging.getLogger(__name__)
 GRID_SAMPLES = 4  # training samples shown before/after augmentation in the tracker
 
 
+def select_device(device_target: str) -> None:
+    """``ms.set_device``; MindSpore's refusal (e.g. ``hardware=gpu`` where its GPU backend cannot
+    load) becomes a ConfigError that names the key, with MindSpore's reason."""
+    try:
+        ms.set_device(device_target)
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or ["no reason given"])[0]
+        raise ConfigError(
+            f"hardware.device_target: MindSpore cannot run on {device_target!r} on this machine "
+            f"({reason}). Its GPU backend needs CUDA 11.x, cuDNN 8 and MindSpore's GPU wheel; "
+            f"hardware=cpu runs anywhere") from error
+
+
 def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     seed_everything(cfg.seed)
-    ms.set_device(cfg.hardware.device_target)
+    select_device(cfg.hardware.device_target)
     if cfg.hardware.device_target == "CPU":
         # Measured at 256 px, batch 2: PyNative's asynchronous op dispatch on 2 cores costs about
         # half of a training step (11.7 s async vs 5.7 s blocking); each op runs multi-threaded anyway.
