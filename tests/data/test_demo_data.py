@@ -3,6 +3,7 @@ import multiprocessing
 
 import cv2
 import numpy as np
+import pytest
 from pycocotools.coco import COCO
 
 from instaboost.data.coco import CocoSource
@@ -31,6 +32,23 @@ def test_cached_and_regenerated_when_parameters_change(tmp_path):
     ensure_demo_dataset(root, **{**SMALL, "num_train": 4})
     assert len(list(train_images.iterdir())) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]  # no temp leftovers
+
+
+def test_a_folder_that_is_not_a_demo_set_is_never_replaced(tmp_path):
+    # dataset.root=/data/coco with the default dataset=demo must not delete the user's data.
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_train2017.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"dataset.root: .*coco exists and is not a demo data set"):
+        ensure_demo_dataset(root, **SMALL)
+    assert (root / "annotations" / "instances_train2017.json").read_text() == "{}"
+    (root / "params.json").write_text("{not json")      # nor one with a foreign params.json
+    with pytest.raises(ValueError, match="dataset.root"):
+        ensure_demo_dataset(root, **SMALL)
+    assert sorted(p.name for p in root.iterdir()) == ["annotations", "params.json"]
+    empty = tmp_path / "empty"                            # an empty folder is used as it is
+    empty.mkdir()
+    assert ensure_demo_dataset(empty, **SMALL)[1].is_file()
 
 
 def _generate(root, queue):
