@@ -86,12 +86,36 @@ def _per_category_ap(evaluator: COCOeval, category_names: Dict[int, str]) -> Lis
     return rows
 
 
+def _detections(coco_gt: COCO, results: Sequence[dict], iou_type: str) -> COCO:
+    """The results as pycocotools' detection set for one IoU type.
+
+    For segm the results go in without their boxes: given a box, ``loadRes`` takes a detection's
+    area from it, and COCOeval would then sort the detections into its small / medium / large
+    ranges by box area while it sorts the ground truth by mask area (segm APs..ARl wrong). No
+    results give an empty set, which COCOeval scores as it scores any other: 0 where there is
+    ground truth, -1 where there is none.
+    """
+    if not results:
+        detections = COCO()
+        detections.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                              "categories": list(coco_gt.dataset.get("categories", [])),
+                              "annotations": []}
+        with contextlib.redirect_stdout(io.StringIO()):
+            detections.createIndex()
+        return detections
+    drop = {"bbox"} if iou_type == "segm" else set()
+    copies = [{key: value for key, value in result.items() if key not in drop} for result in results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return coco_gt.loadRes(copies)   # copies: loadRes adds "area" and "id" to what it gets
+
+
 def evaluate_coco(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[int]
                   ) -> Tuple[Dict[str, float], Dict[str, List[Tuple[int, str, float]]], str]:
     """Run COCOeval for bbox and segm on `image_ids`.
 
     Returns (metrics {"bbox/AP": .., "segm/AR100": .., 24 in all}, per-category AP rows per IoU type,
-    the printed summaries). With no detections at all every statistic is 0.0 (nothing was found).
+    the printed summaries). With no detections at all COCOeval still scores the empty set: 0 where
+    there is ground truth, -1 where there is none (a size range or a category without any).
     """
     metrics: Dict[str, float] = {}
     per_category: Dict[str, List[Tuple[int, str, float]]] = {}
@@ -99,14 +123,8 @@ def evaluate_coco(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[in
     names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
     if not results:
         log.warning("evaluation: the model made no detection on %d images; every AP is 0", len(image_ids))
-        for iou_type in IOU_TYPES:
-            metrics.update({f"{iou_type}/{name}": 0.0 for name in STAT_NAMES})
-            per_category[iou_type] = [(cid, names[cid], 0.0) for cid in sorted(names)]
-        return metrics, per_category, "no detections"
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(list(results))
     for iou_type in IOU_TYPES:
-        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator = COCOeval(coco_gt, _detections(coco_gt, results, iou_type), iou_type)
         evaluator.params.imgIds = list(image_ids)
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):

@@ -32,10 +32,53 @@ def test_ground_truth_scores_perfectly_against_itself():
     assert "Average Precision" in summary
 
 
-def test_no_detections_gives_zero_not_a_crash():
+def test_no_detections_gives_zero_where_there_is_ground_truth_and_minus_one_where_not():
     gt = _load_gt(shared_data_dir("coco_val10") / "annotations.json")
-    metrics, _, _ = evaluate_coco(gt, [], gt.getImgIds())
+    metrics, per_category, summary = evaluate_coco(gt, [], gt.getImgIds())
     assert metrics["segm/AP"] == 0.0 and metrics["bbox/AR100"] == 0.0
+    assert "Average Precision" in summary
+    present = {ann["category_id"] for ann in gt.dataset["annotations"]}
+    for _, rows in per_category.items():
+        assert {cid for cid, _, ap in rows if ap == 0.0} == present
+        assert all(ap == -1.0 for cid, _, ap in rows if cid not in present)
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def test_segm_size_ranges_use_the_detections_mask_area():
+    # One medium object (40x40 square). A false positive whose mask is medium (two thin strips,
+    # about 1,900 pixels) but whose box is large (190 x 180) outscores the right detection: in the
+    # medium range it must count, so segm/APm is 0.5 (a box-area range would ignore it: 1.0).
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "height": 200, "width": 200}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1600.0,
+                         "bbox": [40.0, 40.0, 40.0, 40.0],
+                         "segmentation": [[40, 40, 80, 40, 80, 80, 40, 80]]}],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    right = np.zeros((200, 200), bool)
+    right[40:80, 40:80] = True
+    strips = np.zeros((200, 200), bool)
+    strips[5:10, 5:195] = True
+    strips[5:185, 5:10] = True
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [40.0, 40.0, 40.0, 40.0], "score": 0.5,
+         "segmentation": _rle(right)},
+        {"image_id": 1, "category_id": 1, "bbox": [5.0, 5.0, 190.0, 180.0], "score": 0.9,
+         "segmentation": _rle(strips)},
+    ]
+    metrics, _, _ = evaluate_coco(gt, results, [1])
+    assert metrics["segm/APm"] == pytest.approx(0.5)
+    assert metrics["segm/APl"] == -1.0
+    assert metrics["bbox/APm"] == pytest.approx(1.0)   # the box is large: out of the medium range
+    assert "area" not in results[0]                    # the caller's results are left as they were
 
 
 def test_paste_mask_follows_the_box():
