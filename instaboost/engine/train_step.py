@@ -47,7 +47,8 @@ def make_train_step(forward_fn: Callable[..., Dict[str, Tensor]], optimizer, *, 
     """Return `step(*batch) -> (total_loss, loss_terms, grads_finite)`.
 
     loss_terms follow `loss_names`. A step whose gradients are not finite (an fp16 overflow under a
-    large loss scale, or a diverging run) skips the optimizer update and lets a dynamic scaler shrink.
+    large loss scale, or a diverging run) skips the optimizer update, though not its step count (the
+    learning-rate schedule goes on), and lets a dynamic scaler shrink.
     `finite_check(grads)` answers that as a scalar bool Tensor (`instaboost.engine.finite`).
     """
     names = tuple(loss_names)
@@ -71,6 +72,12 @@ def make_train_step(forward_fn: Callable[..., Dict[str, Tensor]], optimizer, *, 
             grads = ops.clip_by_global_norm(grads, clip_norm)
         if finite:
             loss = ops.depend(loss, optimizer(grads))
+        else:
+            # The learning rate is read at the optimizer's global_step, which only its update
+            # advances: a skipped step must count too, or every later step runs the rate of one
+            # step earlier (and train/lr, logged by step, is not the rate used).
+            loss = ops.depend(loss, ops.assign_add(optimizer.global_step,
+                                                   optimizer.global_step_increase_tensor))
         scaler.adjust(finite)
         return loss, terms, finite
 

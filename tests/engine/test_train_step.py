@@ -58,6 +58,27 @@ def test_non_finite_gradients_skip_the_update(finite_check):
     np.testing.assert_array_equal(net.weight.asnumpy(), before)
 
 
+def test_a_skipped_step_still_advances_the_learning_rate_schedule():
+    # Rates 0.1, 0.2, 0.3 by step: step 1 is skipped (non-finite), so step 2 must update with 0.2.
+    net = nn.Dense(3, 2)
+    opt = nn.SGD(net.trainable_params(), learning_rate=ms.Tensor(np.array([0.1, 0.2, 0.3], np.float32)))
+    poison = ms.Parameter(ms.Tensor(np.inf, ms.float32), requires_grad=False)
+
+    def forward(x, y):
+        return {"l2": ((net(x) - y) ** 2).mean() * poison}
+
+    step = make_train_step(forward, opt, loss_names=["l2"], scaler=build_loss_scaler("none", 1.0))
+    x, y = _regression_problem()
+    assert not bool(step(x, y)[2])
+    assert int(opt.global_step.asnumpy()[0]) == 1
+    poison.set_data(ms.Tensor(1.0, ms.float32))
+    grad = ms.grad(lambda: ((net(x) - y) ** 2).mean(), None, net.trainable_params())()
+    before = net.weight.asnumpy().copy()
+    assert bool(step(x, y)[2])
+    np.testing.assert_allclose(before - net.weight.asnumpy(), 0.2 * grad[0].asnumpy(), rtol=1e-5, atol=1e-7)
+    assert int(opt.global_step.asnumpy()[0]) == 2
+
+
 def test_unit_scale_skips_unscaling_without_changing_the_update():
     """A static scale of 1 (the default) is applied as no scaling at all; a power-of-two scale
     is exact in float32, so both must give bit-identical weights."""
