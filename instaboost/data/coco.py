@@ -191,22 +191,39 @@ class CocoSource:
         self._ann_ids = self._usable_annotation_ids()
 
     def _usable_annotation_ids(self) -> dict[int, list[int]]:
-        """Annotation ids per image, without boxes narrower/lower than MIN_BOX_SIDE (counted)."""
+        """Annotation ids per image, checked once here rather than in a data worker: a missing box
+        or an unknown category is an error naming the file and the annotation; boxes narrower or
+        lower than MIN_BOX_SIDE and annotations without a segmentation are skipped (counted), and
+        polygons of fewer than 3 points are dropped from an annotation's segmentation (pycocotools
+        reads a 4-value polygon as a box and fails on shorter ones)."""
         usable: dict[int, list[int]] = {}
-        skipped = 0
+        small = no_segmentation = 0
         for image_id in self.image_ids:
             keep = []
             for ann in self.coco.imgToAnns.get(image_id, []):
+                where = f"{self.annotations_file}: annotation {ann.get('id')} (image {image_id})"
+                if len(ann.get("bbox") or ()) != 4:
+                    raise ValueError(f"{where} has no [x, y, width, height] bbox")
+                if int(ann.get("category_id", -1)) not in self.categories.coco_ids:
+                    raise ValueError(f"{where}: category_id {ann.get('category_id')} is not among "
+                                     f"the file's categories {list(self.categories.coco_ids)}")
                 _, _, box_w, box_h = ann["bbox"]
                 if box_w < MIN_BOX_SIDE or box_h < MIN_BOX_SIDE:
-                    skipped += 1
+                    small += 1
+                    continue
+                if not _keep_valid_segmentation(ann):
+                    no_segmentation += 1
                     continue
                 keep.append(ann["id"])
             usable[image_id] = keep
-        if skipped:
+        if small:
             logger.warning("%s: skipped %d annotations with bbox width or height < %.0f px",
-                           self.annotations_file, skipped, MIN_BOX_SIDE)
-        self.stats.add("annotations_skipped_small", skipped)
+                           self.annotations_file, small, MIN_BOX_SIDE)
+        if no_segmentation:
+            logger.warning("%s: skipped %d annotations without a segmentation (none, or only "
+                           "polygons of fewer than 3 points)", self.annotations_file, no_segmentation)
+        self.stats.add("annotations_skipped_small", small)
+        self.stats.add("annotations_skipped_no_segmentation", no_segmentation)
         return usable
 
     def __len__(self) -> int:
@@ -269,6 +286,20 @@ class CocoSource:
         return (f"CocoSource(images_dir={str(self.images_dir)!r}, "
                 f"annotations_file={str(self.annotations_file)!r}, num_images={len(self)}, "
                 f"num_classes={self.categories.num_classes})")
+
+
+def _keep_valid_segmentation(ann: dict[str, Any]) -> bool:
+    """Whether `ann` has a segmentation to rasterise: an RLE, or polygons, of which those with
+    fewer than 3 points (or an odd count of values) are dropped in place, as mmdetection does."""
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, dict):
+        return "counts" in segmentation and "size" in segmentation
+    if not isinstance(segmentation, list):
+        return False
+    polygons = [polygon for polygon in segmentation
+                if isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0]
+    ann["segmentation"] = polygons
+    return bool(polygons)
 
 
 def _load_coco_quietly(coco_cls, annotations_file: Path):

@@ -23,6 +23,7 @@ import numpy as np
 # the number of epochs; "once" counters are counted when the annotation file is read.
 COUNTER_DOCS: Mapping[str, str] = {
     "annotations_skipped_small": "annotations with bbox width or height < 1 px (once, at load of the json)",
+    "annotations_skipped_no_segmentation": "annotations without a segmentation, or only polygons of fewer than 3 points (once, at load of the json)",
     "annotations_skipped_empty_mask": "annotations whose decoded mask is empty (per image load)",
     "samples": "training samples produced by TrainTransform",
     "instaboost_applied": "samples the InstaBoost engine was applied to",

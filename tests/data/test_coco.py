@@ -113,6 +113,39 @@ def test_skips_degenerate_annotations_and_keeps_negative_images(tmp_path):
     assert negative["masks"].shape == (0, 32, 48) and negative["boxes"].shape == (0, 4)
 
 
+def test_annotations_without_a_usable_segmentation_are_counted_not_fatal(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((32, 48, 3), 100, np.uint8))
+    square = [4, 4, 20, 4, 20, 20, 4, 20]
+    box = [4, 4, 16, 16]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": box, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": box, "iscrowd": 0},
+        {"id": 3, "image_id": 1, "category_id": 1, "segmentation": [[4, 4, 20, 20]], "bbox": box,
+         "iscrowd": 0},                                   # a 2-point polygon only: skipped
+        {"id": 4, "image_id": 1, "category_id": 1, "segmentation": [[30, 5, 40, 9], square],
+         "bbox": box, "iscrowd": 0},                      # its short polygon dropped, the square kept
+    ]
+    images = [{"id": 1, "file_name": "a.png", "width": 48, "height": 32}]
+    source = CocoSource(tmp_path, _write_coco(tmp_path, images, anns))
+    assert source.stats.get("annotations_skipped_no_segmentation") == 3
+    sample = source.load(0)
+    np.testing.assert_array_equal(sample["boxes"], [[4, 4, 20, 20]])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"category_id": 7}, r"annotation 1 \(image 1\): category_id 7 is not among the file's categories \[1\]"),
+    ({"bbox": None}, r"annotation 1 \(image 1\) has no \[x, y, width, height\] bbox"),
+])
+def test_malformed_annotations_name_the_file_and_annotation(tmp_path, bad, message):
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((32, 48, 3), 100, np.uint8))
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[4, 4, 20, 4, 20, 20]],
+           "bbox": [4, 4, 16, 16], "iscrowd": 0, **bad}
+    images = [{"id": 1, "file_name": "a.png", "width": 48, "height": 32}]
+    annotations_file = _write_coco(tmp_path, images, [ann])
+    with pytest.raises(ValueError, match=str(annotations_file.resolve()) + ": " + message):
+        CocoSource(tmp_path, annotations_file)
+
+
 @pytest.mark.parametrize("stored, channels", [
     (np.full((8, 10), 77, np.uint8), 1),
     (np.dstack([np.full((8, 10), 77, np.uint8)] * 3 + [np.zeros((8, 10), np.uint8)]), 4),
