@@ -30,7 +30,6 @@ def _interrupt_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
-# Absolute path of ./conf: also found when run.py is imported as a module (tests).
 def _mlflow_command() -> str:
     """The mlflow CLI of this interpreter's environment (make demo's .venv is not on PATH)."""
     beside = Path(sys.executable).parent / "mlflow"
@@ -51,7 +50,8 @@ def main(cfg: DictConfig) -> Optional[float]:
             metrics = TASKS[cfg.task](cfg, tracker=tracker, output_dir=output_dir)
     finally:
         print(f"Outputs: {output_dir}")
-        print(f"Browse runs: mlflow ui --backend-store-uri {shlex.quote(tracking_uri(cfg))}")
+        print(f"Browse runs: {shlex.quote(_mlflow_command())} ui --backend-store-uri "
+              f"{shlex.quote(tracking_uri(cfg))}")
     return metrics.get(OPTIMIZED_METRIC)
 
 

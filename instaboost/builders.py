@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from instaboost.config.validate import DETECTOR_NAMES
 from instaboost.models.anchors import AnchorGenerator
 from instaboost.models.assigner import MaxIoUAssigner
 from instaboost.models.backbone.resnet import ResNet
@@ -82,8 +83,8 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
             ``StandardRoIHeads``): on, as every step runs in PyNative mode; off runs every slot
             with fixed shapes (what graph mode would need; the benchmark's ``--fixed-slots``).
     """
-    if detector_cfg["name"] != "mask_rcnn":
-        raise ValueError(f"detector.name: only 'mask_rcnn' is built here, got "
+    if detector_cfg["name"] not in DETECTOR_NAMES:
+        raise ValueError(f"detector.name: one of {DETECTOR_NAMES} is built here, got "
                          f"{detector_cfg['name']!r}")
     if roi_align_impl is None:
         roi_align_impl = (ROI_ALIGN_IMPL_WITH_CPU_KERNELS if uses_cpu_kernels(conv_impl)

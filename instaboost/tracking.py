@@ -185,7 +185,7 @@ def git_state() -> tuple[str, str]:
         top, commit = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "--show-toplevel", "HEAD"],
             capture_output=True, text=True, check=True, timeout=GIT_TIMEOUT_S,
-        ).stdout.split()
+        ).stdout.splitlines()   # lines: the checkout's path may hold spaces
         # --no-optional-locks: never take index.lock (a commit may be running next to us).
         status = subprocess.run(
             ["git", "--no-optional-locks", "-C", str(PROJECT_ROOT), "status", "--porcelain"],

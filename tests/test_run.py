@@ -76,6 +76,9 @@ def test_single_run(monkeypatch, tmp_path, mlflow_uri, probe_task, capsys) -> No
     assert (output_dir / "probe.txt").is_file()
     assert f"Outputs: {output_dir}" in out
     assert f"mlflow ui --backend-store-uri {mlflow_uri}" in out
+    venv_mlflow = Path(sys.executable).parent / "mlflow"
+    if venv_mlflow.is_file():   # the CLI beside this interpreter, which need not be on PATH
+        assert f"Browse runs: {venv_mlflow} ui" in out
     hydra_files = MlflowClient(tracking_uri=mlflow_uri).list_artifacts(run.info.run_id, ".hydra")
     assert {Path(a.path).name for a in hydra_files} == {"config.yaml", "hydra.yaml",
                                                       "overrides.yaml"}

@@ -28,6 +28,8 @@ LOSS_SCALE_TYPES = ("static", "dynamic", "none")
 BACKBONE_TYPES = ("resnet", "resnext")  # ResNeXt = grouped 3x3 convolutions (groups > 1)
 # Bottleneck ResNets: their C2..C5 have 256/512/1024/2048 channels, what the FPN expects.
 RESNET_DEPTHS = (50, 101, 152)
+DETECTOR_NAMES = ("mask_rcnn",)  # what instaboost.builders.build_detector builds
+RESNET_STAGES = 4  # backbone outputs C2..C5, one FPN input each
 # frozen_stages: -1 trains everything; 0 freezes the stem; k freezes the stem and stages 1..k.
 FROZEN_STAGES_RANGE = (-1, 4)
 BOX_CODER_LEN = 4
@@ -157,7 +159,7 @@ def _check_top(c: _Checker) -> None:
 
 def _check_detector(c: _Checker) -> None:
     d = "detector"
-    c.not_empty(f"{d}.name")
+    c.one_of(f"{d}.name", DETECTOR_NAMES)
     c.positive(
         f"{d}.num_gts",
         f"{d}.gt_mask_size",
@@ -182,6 +184,8 @@ def _check_detector(c: _Checker) -> None:
     c.increasing(f"{d}.rpn.anchor_strides")
     c.increasing(f"{d}.roi.featmap_strides")
     num_outs = c.get(f"{d}.neck.num_outs")
+    c.require(f"{d}.neck.num_outs", lambda v: v is None or v >= RESNET_STAGES,
+              f"must be >= {RESNET_STAGES}, one FPN output per ResNet stage and the extra levels")
     c.require(
         f"{d}.rpn.anchor_strides",
         lambda v: len(v) == num_outs,
