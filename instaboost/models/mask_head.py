@@ -146,13 +146,16 @@ def build_mask_targets(roi_boxes: Tensor, gt_index: Tensor, gt_boxes: Tensor, gt
     matched = batched_gather(gt_boxes, gt_index)  # (B, Q, 4)
     scale_x = side / ops.maximum(matched[..., 2] - matched[..., 0], MIN_GT_SIDE)
     scale_y = side / ops.maximum(matched[..., 3] - matched[..., 1], MIN_GT_SIDE)
-    u1 = (roi_boxes[..., 0] - matched[..., 0]) * scale_x
-    v1 = (roi_boxes[..., 1] - matched[..., 1]) * scale_y
-    u2 = (roi_boxes[..., 2] - matched[..., 0]) * scale_x
-    v2 = (roi_boxes[..., 3] - matched[..., 1]) * scale_y
+    # The masks get a border of one zero pixel (coordinates + 1): RoIAlign repeats a map's edge
+    # pixel up to one pixel beyond it, which spread an object touching its box past the box.
+    u1 = (roi_boxes[..., 0] - matched[..., 0]) * scale_x + 1
+    v1 = (roi_boxes[..., 1] - matched[..., 1]) * scale_y + 1
+    u2 = (roi_boxes[..., 2] - matched[..., 0]) * scale_x + 1
+    v2 = (roi_boxes[..., 3] - matched[..., 1]) * scale_y + 1
     stack_index = index_range(0, batch).reshape(batch, 1) * num_gts + gt_index
     rois = ops.stack([stack_index.astype(ms.float32), u1, v1, u2, v2], axis=-1)
-    masks = gt_masks.reshape(batch * num_gts, 1, side, side).astype(ms.float32)
+    masks = ops.pad(gt_masks.reshape(batch * num_gts, 1, side, side).astype(ms.float32),
+                    (1, 1, 1, 1))
     soft = roi_align_single(masks, rois.reshape(batch * num_rois, 5), mask_size, sampling_ratio,
                             impl=roi_align_impl)
     targets = (soft.reshape(batch * num_rois, mask_size, mask_size) >= MASK_TARGET_THR)

@@ -154,6 +154,31 @@ def test_mask_targets_follow_the_gt_frame(impl):
     np.testing.assert_array_equal(targets[2], np.zeros((4, 4)))     # right half: background
 
 
+@pytest.mark.parametrize("impl", ["gather", "kernel"])
+def test_mask_targets_end_at_the_gt_box(impl):
+    """An object filling its GT box, seen by RoIs around it: a target pixel is foreground where
+    most of its bin lies inside the box and background where most lies outside (RoIAlign repeats
+    a map's edge pixel up to one pixel beyond it, so the cropped mask needs a zero border)."""
+    side, size = 56, 28
+    box = np.array([40.0, 50, 140, 130], np.float32)
+    gt_masks = np.ones((1, 1, side, side), np.uint8)
+    rois = np.array([[[30, 42, 130, 122], [25, 50, 145, 130], [38, 48, 150, 138],
+                      [35.7, 45, 137, 128], [44, 52, 150, 141]]], np.float32)
+    targets = build_mask_targets(Tensor(rois), Tensor(np.zeros((1, 5), np.int32)),
+                                 Tensor(box.reshape(1, 1, 4)), Tensor(gt_masks), mask_size=size,
+                                 sampling_ratio=2, roi_align_impl=impl).asnumpy()
+
+    def inside(lo, hi, box_lo, box_hi):   # fraction of each bin [lo + j*w, lo + (j+1)*w] in the box
+        edges = np.linspace(lo, hi, size + 1)
+        return np.clip(np.minimum(edges[1:], box_hi) - np.maximum(edges[:-1], box_lo), 0, None) / (
+            edges[1] - edges[0])
+
+    for roi, target in zip(rois[0], targets):
+        fraction = np.outer(inside(roi[1], roi[3], box[1], box[3]), inside(roi[0], roi[2], box[0], box[2]))
+        assert not target[fraction < 0.25].any()
+        assert target[fraction > 0.75].all()
+
+
 def test_mask_targets_are_the_same_on_the_kernel():
     """Irregular GT masks, RoIs partly outside their GT boxes, two images: the RoIAlign kernel
     crops exactly what the gather path crops."""
