@@ -83,7 +83,8 @@ class MaskRCNN(nn.Cell):
         Returns (det_boxes float32 (B, D, 4) xyxy resized-image pixels, det_scores float32
         (B, D), det_labels int32 (B, D) in 1..K, det_valid bool (B, D), det_masks float32
         (B, D, 28, 28) probabilities of the predicted class inside each box). Entries with
-        ``det_valid == False`` are zero (labels 1) and must be ignored.
+        ``det_valid == False`` have zero boxes, scores and masks, labels of any class, and must
+        be ignored.
         """
         if image.ndim != 4 or img_meta.shape != (image.shape[0], IMG_META_COLUMNS):
             raise ValueError(f"expected image (B, 3, H, W) and img_meta (B, {IMG_META_COLUMNS}), "

@@ -2,7 +2,9 @@
 
 All helpers take per-element losses of any shape plus a boolean mask of the same shape (or
 broadcastable) and use ``where`` rather than multiplication, so NaN/inf values in masked-out
-elements (e.g. padding) cannot leak into the sum or its gradient.
+elements (e.g. padding) cannot leak into the sum. Into its gradient they still can, where the
+per-element loss's own derivative is NaN there (0 * NaN): the inputs of masked-out elements must
+stay finite, as the heads' do.
 """
 from __future__ import annotations
 

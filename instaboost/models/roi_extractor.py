@@ -199,7 +199,8 @@ class RoIExtractor(nn.Cell):
     Args:
         out_size: S, output side (7 for the bbox head, 14 for the mask head).
         featmap_strides: strides of the levels used (the first len(strides) input maps).
-        finest_scale: RoI scale mapped to the boundary between levels 0 and 1 (56).
+        finest_scale: 56 as in mmdetection: RoIs of scale sqrt(w * h) below 2 * finest_scale
+            use level 0, each doubling one level more.
         sampling_ratio: bilinear samples per bin side.
         impl: "native" (ops.ROIAlign), "gather" (CPU-fast, same numerics) or "kernel" (C++,
             CPU only, fastest).
