@@ -36,6 +36,11 @@ MIN_BOX_SIDE = 1.0
 GRAY_CHANNELS, GRAY_ALPHA_CHANNELS, BGR_CHANNELS, BGRA_CHANNELS = 1, 2, 3, 4
 
 
+# Image ids must lie in [0, MAX_IMAGE_ID): the pipeline's img_meta is float32, which holds every
+# integer below 2**24 exactly; checked when the json is read, not when a worker meets the image.
+MAX_IMAGE_ID = 2**24
+
+
 class CocoCategories:
     """COCO category ids (sorted ascending) <-> contiguous labels 1..K (0 = background).
 
@@ -187,6 +192,11 @@ class CocoSource:
             image_ids = image_ids[:max_images]
         if not image_ids:
             raise ValueError(f"{self.annotations_file} lists no images")
+        outside = [i for i in image_ids if not 0 <= i < MAX_IMAGE_ID]
+        if outside:
+            raise ValueError(f"{self.annotations_file}: image ids must lie in [0, 2**24) to be "
+                             f"carried exactly by the float32 image metadata; {len(outside)} do "
+                             f"not, e.g. {outside[:3]}")
         self.image_ids: list[int] = image_ids
         self._ann_ids = self._usable_annotation_ids()
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import mindspore.dataset as ds
 import numpy as np
 
-from instaboost.data.coco import CocoSource
+from instaboost.data.coco import MAX_IMAGE_ID, CocoSource
 from instaboost.data.stats import DataStats
 from instaboost.data.transforms.geometric import (box_aligned_masks, check_pad_shape, hflip_boxes,
                                                   keep_ratio_size, normalize_to_chw, pad_chw,
@@ -40,15 +40,13 @@ from instaboost.utils.seed import sample_seed
 TRAIN_COLUMNS = ("image", "img_meta", "gt_boxes", "gt_labels", "gt_masks", "gt_valid", "gt_crowd")
 EVAL_COLUMNS = ("image", "img_meta")
 META_SIZE = 5  # [image_id, orig_h, orig_w, resized_h, resized_w]
-# float32 holds every integer up to 2**24 exactly: the largest image id img_meta can carry.
-MAX_EXACT_FLOAT32_INT = 2**24
 # image_id written into img_meta for the filler samples of a padded last eval batch.
 PADDING_IMAGE_ID = -1
 CHANNELS_RGB = 3
 
 
 def _meta(image_id: int, orig_h: int, orig_w: int, new_h: int, new_w: int) -> np.ndarray:
-    if not 0 <= image_id < MAX_EXACT_FLOAT32_INT:
+    if not 0 <= image_id < MAX_IMAGE_ID:
         raise ValueError(f"image id {image_id} cannot be carried exactly by float32 img_meta "
                          f"(must lie in [0, 2**24))")
     return np.array([image_id, orig_h, orig_w, new_h, new_w], dtype=np.float32)

@@ -146,6 +146,14 @@ def test_malformed_annotations_name_the_file_and_annotation(tmp_path, bad, messa
         CocoSource(tmp_path, annotations_file)
 
 
+def test_image_ids_the_metadata_cannot_carry_are_refused_when_the_json_is_read(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((32, 48, 3), 100, np.uint8))
+    images = [{"id": 2**24, "file_name": "a.png", "width": 48, "height": 32}]
+    annotations_file = _write_coco(tmp_path, images, [])
+    with pytest.raises(ValueError, match=r"ann.json: image ids must lie in \[0, 2\*\*24\).* e.g. \[16777216\]"):
+        CocoSource(tmp_path, annotations_file)
+
+
 @pytest.mark.parametrize("stored, channels", [
     (np.full((8, 10), 77, np.uint8), 1),
     (np.dstack([np.full((8, 10), 77, np.uint8)] * 3 + [np.zeros((8, 10), np.uint8)]), 4),
