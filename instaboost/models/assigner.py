@@ -48,6 +48,22 @@ class AssignResult(NamedTuple):
     max_iou: Tensor
 
 
+def assign_gt_candidates_to_themselves(result: AssignResult, gt_target: Tensor) -> AssignResult:
+    """`result` for candidates whose first G are the GT boxes themselves (the sampler's
+    ``add_gt_as_proposals``): each of them that is a target, gt_target (B, G) bool, becomes its
+    own GT's positive with IoU 1, as mmdetection's ``AssignResult.add_gt_`` makes them. By IoU
+    alone two identical GT boxes both went to the later one (the low-quality rule keeps the last
+    GT), and the earlier GT's label lost its own positive."""
+    num_gts = gt_target.shape[1]
+    own = ops.broadcast_to(index_range(1, num_gts + 1).reshape(1, num_gts), gt_target.shape)
+    gt_inds = ops.concat([ops.where(gt_target, own, result.gt_inds[:, :num_gts]),
+                          result.gt_inds[:, num_gts:]], axis=1)
+    gt_iou = result.max_iou[:, :num_gts]
+    max_iou = ops.concat([ops.where(gt_target, ops.ones_like(gt_iou), gt_iou),
+                          result.max_iou[:, num_gts:]], axis=1)
+    return AssignResult(gt_inds, max_iou)
+
+
 class MaxIoUAssigner(nn.Cell):
     """Assign candidates to padded GTs by IoU (see the module docstring for the rules).
 

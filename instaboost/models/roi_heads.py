@@ -26,7 +26,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from instaboost.models.assigner import MaxIoUAssigner
+from instaboost.models.assigner import MaxIoUAssigner, assign_gt_candidates_to_themselves
 from instaboost.models.bbox_head import Shared2FCBBoxHead
 from instaboost.models.box_coder import DeltaXYWHBoxCoder
 from instaboost.models.layers.nms import SortedNms
@@ -143,6 +143,8 @@ class StandardRoIHeads(nn.Cell):
             candidate_valid = ops.concat([gt_target, proposal_valid], axis=1)
         candidates = ops.stop_gradient(candidates)
         assign = self.assigner.assign(candidates, candidate_valid, gt_boxes, gt_valid, gt_crowd)
+        if self.sampler.add_gt_as_proposals:
+            assign = assign_gt_candidates_to_themselves(assign, gt_target)
         sample = self.sampler.sample(assign.gt_inds)  # (B, R)
         num_rois = sample.inds.shape[1]
 

@@ -6,7 +6,7 @@ import mindspore as ms
 import pytest
 from mindspore import Tensor
 
-from instaboost.models.assigner import MaxIoUAssigner
+from instaboost.models.assigner import MaxIoUAssigner, assign_gt_candidates_to_themselves
 from instaboost.models.sampler import RandomSampler
 from instaboost.structures.boxes import np_pairwise_iou
 
@@ -75,6 +75,23 @@ def test_docstring_example_positive_ignore_negative_and_low_quality():
     strict = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3,
                             match_low_quality=False)
     np.testing.assert_array_equal(assign_one(strict, boxes, gt), [0, 0, 0])
+
+
+def test_gt_candidates_are_their_own_gts_positives_even_when_duplicated():
+    # add_gt_as_proposals: candidates [gt0, gt1, gt2 (crowd), proposal] with gt0 == gt1. By IoU
+    # alone both duplicates go to gt1; each must be its own GT's positive (mmdetection's add_gt_).
+    assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5)
+    gt = np.array([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    boxes = np.concatenate([gt, [[0, 0, 10, 9]]]).astype(np.float32)
+    crowd = np.array([False, False, True])
+    result = assigner.assign(Tensor(boxes[None]), Tensor(np.ones((1, 4), bool)), Tensor(gt[None]),
+                             Tensor(np.ones((1, 3), bool)), Tensor(crowd[None]))
+    np.testing.assert_array_equal(result.gt_inds.asnumpy()[0, :2], [2, 2])
+    target = Tensor(np.logical_not(crowd)[None])
+    fixed = assign_gt_candidates_to_themselves(result, target)
+    np.testing.assert_array_equal(fixed.gt_inds.asnumpy()[0],
+                                  [1, 2, result.gt_inds.asnumpy()[0, 2], result.gt_inds.asnumpy()[0, 3]])
+    np.testing.assert_array_equal(fixed.max_iou.asnumpy()[0, :2], [1.0, 1.0])
 
 
 def test_zero_gts_and_all_padding_make_every_valid_candidate_negative():
