@@ -28,6 +28,7 @@
 // across blocks; the variance is the mean squared deviation from the mean (two passes, not
 // E[x²] - mean²).
 #include <algorithm>
+#include <initializer_list>
 #include <cmath>
 #include <cstdint>
 
@@ -55,6 +56,21 @@ bool ReadLayout(int ndim, const int64_t *shape, Layout *layout) {
   layout->channels = shape[1];
   layout->plane = tensor_shape::Product(shape, 2, ndim);
   return true;
+}
+
+// Whether the parameters' shapes are those of one batch norm over x (parameter 0): `like_x`
+// are x's shape, `per_channel` are (C,), `settings` is (eps, momentum). A wrong call must fail
+// here, not read or write past a tensor (the kernel reads the layout of x only).
+bool ShapesMatch(int *ndims, int64_t **shapes, const Layout &layout,
+                 std::initializer_list<int> like_x, std::initializer_list<int> per_channel,
+                 int settings) {
+  for (int i : like_x) {
+    if (!tensor_shape::SameShape(ndims, shapes, 0, i)) return false;
+  }
+  for (int i : per_channel) {
+    if (!tensor_shape::IsVector(ndims, shapes, i, layout.channels, layout.channels)) return false;
+  }
+  return tensor_shape::IsVector(ndims, shapes, settings, 2, 2);
 }
 
 float InverseStd(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
@@ -88,6 +104,13 @@ int ForwardImpl(int nparam, void **params, int *ndims, int64_t **shapes) {
   if (nparam != inputs + 5) return 1;
   Layout layout;
   if (!ReadLayout(ndims[0], shapes[0], &layout)) return 1;
+  // x [residual] gamma beta running_mean running_var settings | y mean var new_mean new_var
+  const int o = add ? 1 : 0;
+  if (!ShapesMatch(ndims, shapes, layout,
+                   add ? std::initializer_list<int>{1, 7} : std::initializer_list<int>{6},
+                   {1 + o, 2 + o, 3 + o, 4 + o, 7 + o, 8 + o, 9 + o, 10 + o}, 5 + o)) {
+    return 1;
+  }
   int p = 0;
   const float *x = static_cast<const float *>(params[p++]);
   const float *residual = add ? static_cast<const float *>(params[p++]) : nullptr;
@@ -157,6 +180,16 @@ int BackwardImpl(int nparam, void **params, int *ndims, int64_t **shapes) {
   if (nparam != inputs + (add ? 4 : 3)) return 1;
   Layout layout;
   if (!ReadLayout(ndims[0], shapes[0], &layout)) return 1;
+  // x dy [y] mean var gamma settings | dx [dresidual] dgamma dbeta
+  const int m = masked ? 1 : 0, r = add ? 1 : 0;
+  // (The lists are arguments of the call: their arrays live until it returns.)
+  if (!ShapesMatch(ndims, shapes, layout,
+                   add ? std::initializer_list<int>{1, 2, 7, 8}
+                       : (masked ? std::initializer_list<int>{1, 2, 7}
+                                 : std::initializer_list<int>{1, 6}),
+                   {2 + m, 3 + m, 4 + m, 7 + m + r, 8 + m + r}, 5 + m)) {
+    return 1;
+  }
   int p = 0;
   const float *x = static_cast<const float *>(params[p++]);
   const float *dy = static_cast<const float *>(params[p++]);

@@ -597,6 +597,7 @@ void GemmSplitK(const Problem &p, int max_threads) {
 
 template <class F>
 void Gemm(const Problem &p) {
+  if (p.batch == 0 || p.m == 0 || p.n == 0) return;  // an empty C (e.g. zero RoIs): nothing to do
   if (p.k == 0) {
     std::memset(p.c, 0, sizeof(float) * p.batch * p.m * p.n);
     return;
@@ -647,7 +648,8 @@ bool ReadProblem(int nparam, void **params, int *ndims, int64_t **shapes, bool t
   const int64_t *sa = fa + 1, *sb = fb + 1, *sc = dc == 3 ? fc : fc + 1;
   const int64_t batch_a = fa[0], batch_b = fb[0];
   if (da == 3 && db == 3 && batch_a != batch_b) return false;
-  p->batch = std::max(batch_a, batch_b);
+  // A 2-D operand is shared: the batch is the 3-D operand's, which may be 0 (no RoIs).
+  p->batch = da == 3 ? batch_a : (db == 3 ? batch_b : 1);
   p->trans_a = trans_a;
   p->trans_b = trans_b;
   p->m = trans_a ? sa[1] : sa[0];

@@ -156,9 +156,14 @@ int Forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
     return 1;
   }
   if (!GridInside(g, levels)) return 3;
+  const int64_t channels = levels[0].channels, bins = g.bins, taps = g.taps;
+  const int64_t *out_shape = shapes[nparam - 1];   // (rois, C, bins, bins), written in full
+  if (ndims[nparam - 1] != 4 || out_shape[0] != g.rois || out_shape[1] != channels ||
+      out_shape[2] != bins || out_shape[3] != bins) {
+    return 1;
+  }
   ChannelLastMaps &maps = Scratch();
   ToChannelLast(levels, &maps);
-  const int64_t channels = levels[0].channels, bins = g.bins, taps = g.taps;
   float *out = static_cast<float *>(params[nparam - 1]);
 #pragma omp parallel
   {
@@ -212,7 +217,10 @@ int Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
   if (!GridInside(g, grads)) return 3;
   const float *dout = static_cast<const float *>(params[0]);
   const int64_t channels = grads[0].channels, bins = g.bins, taps = g.taps;
-  if (shapes[0][0] != g.rois || shapes[0][1] != channels || shapes[0][2] != bins) return 1;
+  if (shapes[0][0] != g.rois || shapes[0][1] != channels || shapes[0][2] != bins ||
+      shapes[0][3] != bins) {
+    return 1;
+  }
   ChannelLastMaps &maps = Scratch();
   maps.Resize(grads);
   std::fill(maps.data.begin(), maps.data.begin() + maps.offset.back(), 0.0f);

@@ -25,6 +25,21 @@ inline int AsMatrixStack(int ndim, const int64_t *shape, int64_t out[3]) {
   return ndim == 2 ? 2 : 3;
 }
 
+// Whether tensors i and j of an operator's parameters have the same shape.
+inline bool SameShape(const int *ndims, int64_t **shapes, int i, int j) {
+  if (ndims[i] != ndims[j]) return false;
+  for (int d = 0; d < ndims[i]; ++d) {
+    if (shapes[i][d] != shapes[j][d]) return false;
+  }
+  return true;
+}
+
+// Whether tensor i is 1-D with at least `min_length` and at most `max_length` values.
+inline bool IsVector(const int *ndims, int64_t **shapes, int i, int64_t min_length,
+                     int64_t max_length) {
+  return ndims[i] == 1 && shapes[i][0] >= min_length && shapes[i][0] <= max_length;
+}
+
 }  // namespace tensor_shape
 
 #endif  // INSTABOOST_KERNELS_CPU_SHAPES_H_

@@ -261,10 +261,13 @@ bool MakeGeometry(int nparam, void **params, int *ndims, int64_t **shapes, int i
     g->widths.push_back(shapes[index][2]);
     total += shapes[index][2];
   }
+  // Every chunk but the last holds chunk_tiles tiles, the last at most as many: tile t lies in
+  // chunk t / chunk_tiles, which must exist.
   g->chunk_tiles = g->widths[0];
   for (int k = 0; k + 1 < num_chunks; ++k) {
     if (g->widths[k] != g->chunk_tiles) return false;
   }
+  if (g->chunk_tiles < 1 || g->widths.back() > g->chunk_tiles) return false;
   return total == g->canvas.Tiles();
 }
 

@@ -1,6 +1,8 @@
 """The unfold and Winograd convolution paths against MindSpore's native kernels (outputs and
 gradients)."""
 import math
+import shutil
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -290,6 +292,31 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
         native_kernels.kernel_library.cache_clear()
 
 
+def test_another_compiler_version_at_the_same_path_gets_its_own_build(monkeypatch, tmp_path):
+    """The build hash covers what the compiler says it is, not only its path (an upgraded g++)."""
+    real = shutil.which("g++") or shutil.which("c++")
+    if real is None:
+        pytest.skip("no C++ compiler on this machine")
+    compiler = tmp_path / "g++"
+    libraries = []
+    for version in ("g++ (fake) 1.0", "g++ (fake) 2.0"):
+        compiler.write_text(f'#!/bin/sh\n[ "$1" = "--version" ] && {{ echo "{version}"; exit 0; }}\n'
+                            f'exec {real} "$@"\n')
+        compiler.chmod(0o755)
+        monkeypatch.setenv("CXX", str(compiler))
+        native_kernels.kernel_library.cache_clear()
+        native_kernels._compiler_identity.cache_clear()
+        try:
+            libraries.append(Path(native_kernels.kernel_library("all_finite")))
+        finally:
+            native_kernels.kernel_library.cache_clear()
+    try:
+        assert libraries[0] != libraries[1] and all(path.is_file() for path in libraries)
+    finally:
+        for path in libraries:
+            path.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("groups, shape, chunk_bytes", [
     pytest.param(1, (1, 4, 12, 12), 4 * 144 * 4 * 2, id="tap-split"),
     pytest.param(2, (1, 4, 12, 12), 2 * 144 * 2 * 4 * 3, id="tap-split-groups"),
@@ -482,3 +509,23 @@ def test_layout_kernels_equal_mindspore_transposes(groups):
             expected_wmat = conv._weight_matrix(weight, groups, (0, 9)).asnumpy()
             expected_part = conv._weight_matrix(weight, groups, (2, 4)).asnumpy()
     assert expected_table[-1].tolist() == [0.0] * (6 // groups)
+
+
+@pytest.mark.parametrize("channels, widths, ok", [(1, (2, 2), True), (2, (1, 1, 1, 1), True),
+                                                  (3, (3, 1), True), (4, (1, 3), False),
+                                                  (5, (1, 1, 2), False)])
+def test_winograd_kernel_refuses_chunks_it_cannot_index(channels, widths, ok):
+    """Tile t of the input lies in chunk t / (first chunk's width): a last chunk wider than the
+    first (the total still right) sent tiles past the chunk list, a write through a wild pointer.
+    (Each case has its own channel count: MindSpore reuses an AOT function's inferred output
+    shapes for the same input shapes.)"""
+    library = native_kernels.kernel_library("winograd_conv3x3")
+    op = ops.Custom(f"{library}:WinogradF4Input", func_type="aot",
+                    out_shape=lambda x: tuple((36, x[1], w) for w in widths),
+                    out_dtype=lambda x: tuple(ms.float32 for _ in widths))
+    x = Tensor(np.ones((4, channels, 4, 4), np.float32))   # 4 separate images, one F4 tile each
+    if ok:
+        assert sum(o.shape[2] for o in op(x)) == 4
+    else:
+        with pytest.raises(RuntimeError, match=r"function\(WinogradF4Input\) is 1"):
+            [o.asnumpy() for o in op(x)]

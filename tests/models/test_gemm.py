@@ -67,6 +67,24 @@ def test_kernel_matches_numpy_and_mindspore(a_shape, b_shape, transpose_a, trans
         assert np.abs(got - expected).max() / scale < RTOL, impl
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("a_shape, b_shape, transpose_a, transpose_b", [
+    pytest.param((0, 300), (300, 40), False, False, id="no-rows"),
+    pytest.param((5, 300), (0, 300), False, True, id="no-columns"),
+    pytest.param((0, 5, 300), (300, 7), False, False, id="no-batch-items"),
+    pytest.param((300, 7), (0, 300, 5), True, False, id="no-batch-items-shared-a"),
+    pytest.param((5, 0), (0, 7), False, False, id="no-depth"),
+])
+def test_empty_products(a_shape, b_shape, transpose_a, transpose_b, precision):
+    """Zero RoIs reach the kernel as empty operands: an empty (or zero) product, not a crash (a
+    product without rows divided by zero in the blocking) or an error."""
+    a, b = np.ones(a_shape, np.float32), np.ones(b_shape, np.float32)
+    got = kernel_op(transpose_a, transpose_b, precision=precision)(Tensor(a), Tensor(b)).asnumpy()
+    expected = _reference(a, b, transpose_a, transpose_b)
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
 NCHW_CASES = [
     pytest.param((13, 20), (4, 20, 5, 7), False, False, (4, 13, 5, 7), id="w-times-images"),
     pytest.param((20, 13), (4, 20, 5, 7), True, False, (4, 13, 5, 7), id="wt-times-images"),

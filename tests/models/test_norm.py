@@ -97,6 +97,20 @@ def test_a_nan_input_is_not_hidden_by_the_relu():
     assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, 0]).all()
 
 
+@pytest.mark.parametrize("activation, x_shape, residual_shape", [
+    ("add_relu", (2, 4, 8, 8), (1, 4, 8, 8)),   # a residual of another shape: read past its end
+    ("relu", (2, 6, 8, 8), None),               # more channels than gamma, beta and the statistics
+])
+def test_the_kernel_refuses_tensors_of_other_shapes(activation, x_shape, residual_shape):
+    norm = BatchNormAct2d(4, activation=activation, impl="kernel")
+    norm.set_train(True)
+    inputs = [Tensor(np.ones(x_shape, np.float32))]
+    if residual_shape is not None:
+        inputs.append(Tensor(np.ones(residual_shape, np.float32)))
+    with pytest.raises(RuntimeError, match=r"function\(BatchNorm\w*Train\) is 1"):
+        norm(*inputs).asnumpy()
+
+
 def test_bad_settings_name_the_option():
     with pytest.raises(ValueError, match="activation"):
         BatchNormAct2d(4, activation="gelu")

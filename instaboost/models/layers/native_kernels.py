@@ -2,7 +2,8 @@
 
 A kernel library is compiled on first use with the system C++ compiler into ``kernels/build/``
 (ignored by git) and reused while its source (with the shared headers ``kernels/cpu/*.h``), the
-compiler flags and the CPU stay the same: the file name carries a hash of all three, because
+compiler (its real path and ``--version``), the flags and the CPU stay the same: the file name
+carries a hash of them all, because
 ``-march=native`` code built on one CPU may not run on another. The build writes to a temporary
 file and renames it, so concurrent first uses (a multirun, parallel tests) never load a
 half-written library.
@@ -28,6 +29,7 @@ CONV_IMPL_WITH_CPU_KERNELS = "winograd"
 KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
 BUILD_DIR = KERNELS_DIR / "build"
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-Wall")
+COMPILER_QUERY_TIMEOUT_S = 30  # `g++ --version`, once per compiler and process
 
 
 def uses_cpu_kernels(conv_impl: str) -> bool:
@@ -52,6 +54,18 @@ def _cpu_signature() -> str:
         return platform.machine()
     wanted = [line for line in lines if line.startswith(("model name", "flags"))]
     return "\n".join(sorted(set(wanted))) or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_identity(compiler: str) -> str:
+    """The compiler's real path and what it says it is: an upgraded g++ at the same path, or
+    another version behind the same name, must not reuse a library the old one built."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 check=False, timeout=COMPILER_QUERY_TIMEOUT_S).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        version = f"version unknown: {error}"
+    return f"{os.path.realpath(compiler)}\n{version.strip()}"
 
 
 def _compiler() -> str:
@@ -83,7 +97,8 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
     # The shared headers too: a source that includes an edited header must be rebuilt.
     headers = sorted((KERNELS_DIR / "cpu").glob("*.h"))
     for part in (source.read_bytes(), *(h.read_bytes() for h in headers),
-                 " ".join(flags).encode(), compiler.encode(), _cpu_signature().encode()):
+                 " ".join(flags).encode(), _compiler_identity(compiler).encode(),
+                 _cpu_signature().encode()):
         key.update(part)
     target = BUILD_DIR / f"{name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
