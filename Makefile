@@ -1,5 +1,5 @@
 # `make demo` and `make test` each do the whole set-up (virtual environment + install) first.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTHON ?= $(shell command -v python3.11 || command -v python3.10 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
