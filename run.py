@@ -1,8 +1,12 @@
 """Entry point: compose the config, validate it, run the task inside one MLflow run.
 
-    python run.py                                   # make demo: train on the demo dataset
+    python run.py experiment=demo                   # make demo: train on the demo dataset
     python run.py -m augmentation.aug_prob=0,0.5    # one MLflow parent run, a child per value
-    python run.py experiment=mask_rcnn_r50_instaboost_4x dataset.root=/data/coco
+    python run.py experiment=mask_rcnn_r50_instaboost_4x dataset.root=/data/coco \
+        backbone.pretrained=/data/backbones/resnet50.ckpt
+
+Without ``experiment=demo`` the groups' defaults (demo data, CPU) keep the seed's detector
+sizes (512 sampled RoIs, 128 mask RoIs per image): a slower CPU step than the demo's.
 
 Returns the task's ``segm/AP`` so Hydra sweepers can optimise it.
 """

@@ -39,6 +39,8 @@ SMOKE_OVERRIDES = [
 MANDATORY_OVERRIDES = {
     "coco_folder": ["dataset.train_root=/data/coco_folder"],
     "coco2017": ["dataset.root=/data/coco"],
+    "mask_rcnn_r50_instaboost_4x": ["dataset.root=/data/coco",
+                                    "backbone.pretrained=/data/backbones/resnet50.ckpt"],
 }
 PROBE_TASK = "tracker_probe"
 # The probe task raises for this aug_prob, so a sweep can contain a failing job.

@@ -41,7 +41,7 @@ def _with_mandatory(group: str, option: str) -> list[str]:
     if group == "dataset":
         overrides += MANDATORY_OVERRIDES.get(option, [])
     if group == "experiment":
-        overrides += MANDATORY_OVERRIDES["coco2017"]
+        overrides += MANDATORY_OVERRIDES.get(option, [])
     return overrides
 
 
@@ -81,7 +81,8 @@ def test_default_config() -> None:
 
 
 def test_seed_recipe_experiment() -> None:
-    cfg = compose_config(["experiment=mask_rcnn_r50_instaboost_4x", "dataset.root=/data/coco"],
+    cfg = compose_config(["experiment=mask_rcnn_r50_instaboost_4x",
+                          *MANDATORY_OVERRIDES["mask_rcnn_r50_instaboost_4x"]],
                          return_hydra_config=True)
     choices = cfg.hydra.runtime.choices
     assert (choices.dataset, choices.schedule, choices.hardware, choices.augmentation) == (

@@ -59,6 +59,9 @@ def test_defaults_are_valid(base_cfg: DictConfig) -> None:
         (["hardware.device_num=2"], "hardware.device_num"),
         (["backbone.norm=gn"], "backbone.norm"),
         (["detector.name=cascade_mask_rcnn"], "detector.name"),
+        (["backbone.norm_eval=true"], "backbone.norm_eval"),
+        (["backbone.norm=frozen_bn"], "backbone.norm"),
+        (["backbone.frozen_stages=1"], "backbone.frozen_stages"),
         (["detector.neck.num_outs=3", "detector.rpn.anchor_strides=[4,8,16]",
           "detector.roi.featmap_strides=[4,8,16]"], "detector.neck.num_outs"),
         (["backbone.depth=34"], "backbone.depth"),
@@ -81,6 +84,8 @@ def test_defaults_are_valid(base_cfg: DictConfig) -> None:
         (["dataset=coco_folder"], "dataset.train_root"),
         (["dataset=coco2017"], "dataset.root"),
         (["experiment=mask_rcnn_r50_instaboost_4x"], "dataset.root"),
+        (["experiment=mask_rcnn_r50_instaboost_4x", "dataset.root=/data/coco"],
+         "backbone.norm_eval"),   # the seed's recipe keeps a pretrained backbone's statistics
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

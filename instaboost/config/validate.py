@@ -240,9 +240,23 @@ def _check_backbone(c: _Checker) -> None:
     c.require(f"{b}.type", lambda v: (v == "resnext") == grouped,
               "must be 'resnext' exactly when backbone.groups > 1")
     low, high = FROZEN_STAGES_RANGE
-    c.require(f"{b}.frozen_stages", lambda v: low <= v <= high, f"must be in [{low}, {high}]")
+    stages_ok = c.require(f"{b}.frozen_stages", lambda v: low <= v <= high,
+                          f"must be in [{low}, {high}]")
     c.require(f"{b}.pretrained", lambda v: v is None or bool(str(v).strip()),
               "must be null or a checkpoint path")
+    if not c.get(f"{b}.pretrained"):
+        # What only a pretrained backbone has to keep: from scratch the batch norms' running
+        # statistics stay at mean 0 and variance 1 (no normalisation at all), and frozen stages
+        # keep their random initial weights.
+        need = "set backbone.pretrained=<MindSpore .ckpt of backbone weights>"
+        if c.get(f"{b}.norm_eval"):
+            c.fail(f"{b}.norm_eval", "keeps the running statistics of a pretrained backbone "
+                   f"(from scratch they stay mean 0, variance 1: no normalisation); {need}")
+        if c.get(f"{b}.norm") == "frozen_bn":
+            c.fail(f"{b}.norm", f"frozen_bn keeps a pretrained backbone's statistics and scales; {need}")
+        if stages_ok and c.get(f"{b}.frozen_stages") >= 0:
+            c.fail(f"{b}.frozen_stages", f"freezes stages of a pretrained backbone (from scratch: "
+                   f"its random weights); {need}")
 
 
 def _check_augmentation(c: _Checker) -> None:
