@@ -59,6 +59,8 @@ def test_defaults_are_valid(base_cfg: DictConfig) -> None:
         (["hardware.device_num=2"], "hardware.device_num"),
         (["backbone.norm=gn"], "backbone.norm"),
         (["detector.name=cascade_mask_rcnn"], "detector.name"),
+        (["detector.train_cfg.rpn.sampler.add_gt_as_proposals=true"],
+         "detector.train_cfg.rpn.sampler.add_gt_as_proposals"),
         (["backbone.norm_eval=true"], "backbone.norm_eval"),
         (["backbone.norm=frozen_bn"], "backbone.norm"),
         (["backbone.frozen_stages=1"], "backbone.frozen_stages"),

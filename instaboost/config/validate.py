@@ -183,6 +183,9 @@ def _check_detector(c: _Checker) -> None:
         c.all_positive(f"{d}.{key}")
     c.increasing(f"{d}.rpn.anchor_strides")
     c.increasing(f"{d}.roi.featmap_strides")
+    c.require(f"{d}.train_cfg.rpn.sampler.add_gt_as_proposals", lambda v: not v,
+              "must be false: the RPN samples anchors, and GT boxes are added to the RCNN's "
+              "proposals only (detector.train_cfg.rcnn.sampler.add_gt_as_proposals)")
     num_outs = c.get(f"{d}.neck.num_outs")
     c.require(f"{d}.neck.num_outs", lambda v: v is None or v >= RESNET_STAGES,
               f"must be >= {RESNET_STAGES}, one FPN output per ResNet stage and the extra levels")

@@ -18,9 +18,10 @@ def _regression_problem(seed=0):
     return ms.Tensor(x), ms.Tensor(y)
 
 
+@pytest.mark.parametrize("clip_norm", [None, 10.0])  # clipping alone would hide unscaled grads
 @pytest.mark.parametrize("finite_check", FINITE_CHECKS)
 @pytest.mark.parametrize("scaler_kind,scale", [("none", 1.0), ("static", 128.0), ("dynamic", 1024.0)])
-def test_loss_drops_with_every_scaler(scaler_kind, scale, finite_check):
+def test_loss_drops_with_every_scaler(scaler_kind, scale, finite_check, clip_norm):
     ms.set_seed(0)
     net = nn.Dense(3, 2)
     lrs = ms.Tensor(np.full(20, 0.1, np.float32))
@@ -31,7 +32,7 @@ def test_loss_drops_with_every_scaler(scaler_kind, scale, finite_check):
         return {"l2": (err ** 2).mean(), "l1": ms.ops.abs(err).mean()}
 
     step = make_train_step(forward, opt, loss_names=["l2", "l1"], scaler=build_loss_scaler(scaler_kind, scale),
-                           clip_norm=10.0, finite_check=finite_check)
+                           clip_norm=clip_norm, finite_check=finite_check)
     x, y = _regression_problem()
     losses = []
     for _ in range(10):
@@ -81,7 +82,8 @@ def test_a_skipped_step_still_advances_the_learning_rate_schedule():
 
 def test_unit_scale_skips_unscaling_without_changing_the_update():
     """A static scale of 1 (the default) is applied as no scaling at all; a power-of-two scale
-    is exact in float32, so both must give bit-identical weights."""
+    is exact in float32, so both must give the same weights (to 1e-6: MindSpore's threaded CPU
+    kernels do not always sum in the same order, which once made them differ in the last bit)."""
     assert isinstance(build_loss_scaler("none", 1.0), UnitLossScaler)
     assert isinstance(build_loss_scaler("static", 1.0), UnitLossScaler)
     assert not isinstance(build_loss_scaler("static", 2.0), UnitLossScaler)
@@ -100,8 +102,8 @@ def test_unit_scale_skips_unscaling_without_changing_the_update():
             step(*_regression_problem())
         return net.weight.asnumpy()
 
-    np.testing.assert_array_equal(trained_weight(build_loss_scaler("static", 1.0)),
-                                  trained_weight(build_loss_scaler("static", 2.0)))
+    np.testing.assert_allclose(trained_weight(build_loss_scaler("static", 1.0)),
+                               trained_weight(build_loss_scaler("static", 2.0)), rtol=1e-6, atol=0)
 
 
 def test_unknown_scaler_names_the_key():

@@ -131,12 +131,17 @@ def test_proposals_follow_scores_and_nms():
 
 
 def test_min_bbox_size_masks_small_proposals():
-    rpn = make_rpn(nms_pre=20, max_per_img=20, min_bbox_size=40.0)
     meta, _, _, _ = gts(batch=1)
-    props, valid, _ = rpn.forward_test(features(batch=1), meta)
-    sides = np.minimum(props.asnumpy()[0, :, 2] - props.asnumpy()[0, :, 0],
-                       props.asnumpy()[0, :, 3] - props.asnumpy()[0, :, 1])
-    assert np.all(sides[valid.asnumpy()[0]] > 40.0)
+    feats = features(batch=1)
+    kept = []
+    for min_size in (0.0, 40.0):
+        rpn = make_rpn(nms_pre=20, max_per_img=20, min_bbox_size=min_size)
+        props, valid, _ = rpn.forward_test(feats, meta)
+        sides = np.minimum(props.asnumpy()[0, :, 2] - props.asnumpy()[0, :, 0],
+                           props.asnumpy()[0, :, 3] - props.asnumpy()[0, :, 1])
+        kept.append(sides[valid.asnumpy()[0]])
+    assert (kept[0] <= 40.0).any() and (kept[0] > 40.0).any()   # both kinds without the limit
+    assert kept[1].size > 0 and np.all(kept[1] > 40.0)           # only the large ones with it
 
 
 def test_all_padding_batch_and_gradients():
