@@ -196,11 +196,25 @@ def test_unusable_device_names_the_key_and_fails_the_run(tmp_path, mlflow_uri) -
     assert run.data.tags["error"].startswith("ConfigError: hardware.device_target")
 
 
+def test_a_batch_larger_than_the_dataset_names_the_key(tmp_path, mlflow_uri) -> None:
+    proc = subprocess.run(
+        [sys.executable, "run.py", *SMOKE_OVERRIDES, "schedule.batch_size=8",
+         *_store_args(tmp_path, mlflow_uri)],
+        cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
+    assert proc.returncode == 1
+    assert "ConfigError: schedule.batch_size: 4 training images" in proc.stderr
+    assert "cannot fill one batch of 8" in proc.stderr
+    (run,) = _runs(mlflow_uri).values()
+    assert run.info.status == "FAILED"
+
+
 @pytest.mark.slow
 def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
     """Two smoke trainings with the real ``train`` task: one parent, two FINISHED children."""
     proc = subprocess.run(
-        [sys.executable, "run.py", "-m", *SMOKE_OVERRIDES, "augmentation.aug_prob=0.0,0.5",
+        [sys.executable, "run.py", "-m", *SMOKE_OVERRIDES, "augmentation.aug_prob=0.0,1.0",
          *_store_args(tmp_path, mlflow_uri)],
         cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
         timeout=TRAIN_TIMEOUT_S,
@@ -213,7 +227,12 @@ def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
     for child in children.values():
         assert child.info.status == "FINISHED"
         assert "segm/AP" in child.data.metrics and "bbox/AP" in child.data.metrics
-    assert {c.data.params["augmentation.aug_prob"] for c in children.values()} == {"0.0", "0.5"}
+        # The data counters: evaluation counted (into the validation source's counters), and
+        # the augmentation grid's samples not counted as trained ones.
+        counts = child.data.metrics
+        assert counts["data/eval_samples"] > 0
+        assert 0 < counts["data/samples"] and counts["data/instaboost_applied"] <= counts["data/samples"]
+    assert {c.data.params["augmentation.aug_prob"] for c in children.values()} == {"0.0", "1.0"}
 
     # Read back as a user would, through mlflow.search_runs: every metric and artifact of a run.
     import mlflow

@@ -18,6 +18,7 @@ from instaboost.config.validate import ConfigError
 from instaboost.data.coco import CocoSource
 from instaboost.data.demo_data import ensure_demo_dataset
 from instaboost.data.pipeline import build_eval_dataset, build_train_dataset
+from instaboost.data.stats import DataStats
 from instaboost.data.transforms import build_instaboost_step
 from instaboost.engine.checkpoint import CheckpointManager
 from instaboost.engine.finite import build_finite_check
@@ -60,12 +61,19 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     categories = train_source.categories
     log.info("data: %d training images, %d validation images, %d classes", len(train_source),
              len(val_source), categories.num_classes)
+    if len(train_source) < cfg.schedule.batch_size:
+        raise ConfigError(f"schedule.batch_size: {len(train_source)} training images "
+                          f"({cfg.dataset.train_annotations}) cannot fill one batch of "
+                          f"{cfg.schedule.batch_size}")
 
-    augment = build_instaboost_step(OmegaConf.to_container(cfg.augmentation, resolve=True),
-                                    stats=train_source.stats)
+    augmentation = OmegaConf.to_container(cfg.augmentation, resolve=True)
+    augment = build_instaboost_step(augmentation, stats=train_source.stats)
     label_names = {label: categories.name(label) for label in range(1, categories.num_classes + 1)}
     label_to_category = {label: categories.to_coco_id(label) for label in label_names}
-    tracker.log_image(sample_grid(train_source, augment, cfg.seed, label_names), "augmentation/samples.png")
+    # The grid's samples are not training samples: its step counts into counters of its own.
+    grid_augment = build_instaboost_step(augmentation, stats=DataStats())
+    tracker.log_image(sample_grid(train_source, grid_augment, cfg.seed, label_names),
+                      "augmentation/samples.png")
 
     network = build_detector(cfg.detector, cfg.backbone, num_classes=categories.num_classes,
                              conv_impl=cfg.hardware.conv_impl, seed=cfg.seed)
@@ -77,9 +85,6 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
                                    img_std=list(cfg.dataset.img_std), num_workers=cfg.hardware.num_workers)
 
     steps_per_epoch = train_data.get_dataset_size()
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset: {len(train_source)} training images give no full batch of "
-                         f"schedule.batch_size={schedule.batch_size}")
     total_steps = schedule.epochs * steps_per_epoch
     if schedule.max_steps is not None:
         total_steps = min(total_steps, schedule.max_steps)
@@ -128,8 +133,10 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
                       tracker=tracker, settings=settings, learning_rates=learning_rates)
     metrics = trainer.fit()
 
-    tracker.log_metrics({k: float(v) for k, v in train_source.stats.as_dict(prefix="data/").items()},
-                        step=trainer.step)
+    data_counts = train_source.stats.as_dict(prefix="data/")
+    # Evaluation counts into the validation source's counters (its own json, even in one folder).
+    data_counts["data/eval_samples"] = val_source.stats.get("eval_samples")
+    tracker.log_metrics({k: float(v) for k, v in data_counts.items()}, step=trainer.step)
     for path in checkpoints.kept():
         tracker.log_artifact(path, "checkpoints")
     for path in (results_path, table_path):
