@@ -68,6 +68,10 @@ class CocoCategories:
         """K, the number of foreground classes."""
         return len(self.coco_ids)
 
+    def __contains__(self, coco_id: object) -> bool:
+        """Whether `coco_id` is one of the file's category ids."""
+        return coco_id in self._to_label
+
     def to_label(self, coco_id: int) -> int:
         """COCO category id -> contiguous label in 1..K."""
         try:
@@ -214,7 +218,7 @@ class CocoSource:
                 where = f"{self.annotations_file}: annotation {ann.get('id')} (image {image_id})"
                 if len(ann.get("bbox") or ()) != 4:
                     raise ValueError(f"{where} has no [x, y, width, height] bbox")
-                if int(ann.get("category_id", -1)) not in self.categories.coco_ids:
+                if ann.get("category_id") not in self.categories:
                     raise ValueError(f"{where}: category_id {ann.get('category_id')} is not among "
                                      f"the file's categories {list(self.categories.coco_ids)}")
                 _, _, box_w, box_h = ann["bbox"]

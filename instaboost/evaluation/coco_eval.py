@@ -122,7 +122,8 @@ def evaluate_coco(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[in
     summaries = []
     names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
     if not results:
-        log.warning("evaluation: the model made no detection on %d images; every AP is 0", len(image_ids))
+        log.warning("evaluation: the model made no detection on %d images; every AP is 0 where "
+                    "there is ground truth", len(image_ids))
     for iou_type in IOU_TYPES:
         evaluator = COCOeval(coco_gt, _detections(coco_gt, results, iou_type), iou_type)
         evaluator.params.imgIds = list(image_ids)

@@ -68,9 +68,9 @@ bool ShapesMatch(int *ndims, int64_t **shapes, const Layout &layout,
     if (!tensor_shape::SameShape(ndims, shapes, 0, i)) return false;
   }
   for (int i : per_channel) {
-    if (!tensor_shape::IsVector(ndims, shapes, i, layout.channels, layout.channels)) return false;
+    if (!tensor_shape::IsVector(ndims, shapes, i, layout.channels)) return false;
   }
-  return tensor_shape::IsVector(ndims, shapes, settings, 2, 2);
+  return tensor_shape::IsVector(ndims, shapes, settings, 2);
 }
 
 float InverseStd(float var, float eps) { return 1.0f / std::sqrt(var + eps); }

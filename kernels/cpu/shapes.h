@@ -34,10 +34,9 @@ inline bool SameShape(const int *ndims, int64_t **shapes, int i, int j) {
   return true;
 }
 
-// Whether tensor i is 1-D with at least `min_length` and at most `max_length` values.
-inline bool IsVector(const int *ndims, int64_t **shapes, int i, int64_t min_length,
-                     int64_t max_length) {
-  return ndims[i] == 1 && shapes[i][0] >= min_length && shapes[i][0] <= max_length;
+// Whether tensor i is 1-D with `length` values.
+inline bool IsVector(const int *ndims, int64_t **shapes, int i, int64_t length) {
+  return ndims[i] == 1 && shapes[i][0] == length;
 }
 
 }  // namespace tensor_shape
