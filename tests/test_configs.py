@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,6 +52,16 @@ def test_every_group_has_options() -> None:
                 "tracking", "experiment"}
     assert {d.name for d in GROUP_DIRS} == expected
     assert all(list(d.glob("*.yaml")) for d in GROUP_DIRS)
+
+
+def test_groups_offer_only_their_yaml_options() -> None:
+    # What `run.py --help` lists and a `group=option` override accepts: the schemas live
+    # outside the groups, so a bare schema is never offered as an option.
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group_dir in GROUP_DIRS:
+            offered = loader.get_group_options(group_dir.name)
+            assert offered == sorted(f.stem for f in group_dir.glob("*.yaml")), group_dir.name
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
@@ -133,7 +145,7 @@ def test_schema_rejects_at_composition(override: str, key: str) -> None:
 def test_schema_rejects_unknown_key_in_a_yaml(tmp_path: Path) -> None:
     (tmp_path / "schedule").mkdir()
     (tmp_path / "schedule" / "typo.yaml").write_text(
-        "defaults:\n  - schedule_schema\n  - _self_\nname: typo\nbatch_sise: 4\n")
+        "defaults:\n  - /schedule_schema@_here_\n  - _self_\nname: typo\nbatch_sise: 4\n")
     with pytest.raises(ConfigCompositionException) as info:
         compose_config([f"hydra.searchpath=[file://{tmp_path}]", "schedule=typo"])
     assert "batch_sise" in f"{info.value} {info.value.__cause__}"

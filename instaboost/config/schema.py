@@ -344,22 +344,25 @@ class Config:
     tracking: Any = MISSING
 
 
+# Each schema by the name its yaml files put first in their defaults list. They are stored at
+# the top level, not in their groups, so that neither `--help` nor a `group=...` override offers
+# a bare schema as an option: a group's yaml pulls its schema in as `/name@_here_`.
 SCHEMAS = {
-    (None, "config_schema"): Config,
-    ("detector", "mask_rcnn_schema"): DetectorConfig,
-    ("backbone", "resnet_schema"): BackboneConfig,
-    ("augmentation", "augmentation_schema"): AugmentationConfig,
-    ("schedule", "schedule_schema"): ScheduleConfig,
-    ("hardware", "hardware_schema"): HardwareConfig,
-    ("dataset", "demo_schema"): DemoDatasetConfig,
-    ("dataset", "coco_folder_schema"): CocoFolderDatasetConfig,
-    ("dataset", "coco2017_schema"): Coco2017DatasetConfig,
-    ("tracking", "mlflow_schema"): TrackingConfig,
+    "config_schema": Config,
+    "mask_rcnn_schema": DetectorConfig,
+    "resnet_schema": BackboneConfig,
+    "augmentation_schema": AugmentationConfig,
+    "schedule_schema": ScheduleConfig,
+    "hardware_schema": HardwareConfig,
+    "demo_schema": DemoDatasetConfig,
+    "coco_folder_schema": CocoFolderDatasetConfig,
+    "coco2017_schema": Coco2017DatasetConfig,
+    "mlflow_schema": TrackingConfig,
 }
 
 
 def register_schemas() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent: re-storing replaces)."""
     store = ConfigStore.instance()
-    for (group, name), node in SCHEMAS.items():
-        store.store(group=group, name=name, node=node)
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
