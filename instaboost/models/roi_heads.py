@@ -14,7 +14,8 @@ the first Q sampled slots (the sampler puts positives first) feed the mask branc
 mask logits, mask targets from the box-cropped GT masks.
 
 Inference (``forward_test``): class-specific decoding of every proposal, class-wise
-``score_thr``, the ``nms_pre`` best (score, class) candidates, one batched class-aware NMS (boxes
+``score_thr``, every (proposal, class) candidate above it (a fixed ``test_nms_pre`` best with
+``trim_empty_slots`` off), one batched class-aware NMS (boxes
 offset by ``label * (image side + 1)`` so classes never overlap), then the ``max_per_img`` best
 (D fixed, ``det_valid`` marks real detections) and the mask of each detection's class.
 """
@@ -39,8 +40,10 @@ from instaboost.structures.boxes import batched_gather, index_range
 # With `trim_empty_slots`, the mask branch runs on the first n slots only, n = the largest count of
 # real entries in the batch rounded up to this bucket, so few distinct shapes ever occur.
 ACTIVE_SLOT_BUCKET = 8
-# Default cap on (proposal, class) candidates entering the class-aware NMS at test time; mmdet
-# has no cap (all above score_thr), 1000 is far above max_per_img = 100 detections.
+# Static shapes only (``trim_empty_slots`` off): the cap on (proposal, class) candidates entering
+# the class-aware NMS at test time. A cap loses objects: the near-duplicate proposals of confident
+# objects can fill it before NMS. With ``trim_empty_slots`` on (every run of run.py) there is none:
+# every candidate above score_thr enters, as in mmdetection's multiclass_nms.
 DEFAULT_TEST_NMS_PRE = 1000
 
 
@@ -78,7 +81,8 @@ class StandardRoIHeads(nn.Cell):
         assigner, sampler: RoI target machinery (``sampler.add_gt_as_proposals`` is honoured).
         mask_max_pos: Q, positive RoIs per image used by the mask loss.
         score_thr, iou_threshold, max_per_img: test-time post-processing (D = max_per_img).
-        test_nms_pre: cap on candidates before the class-aware NMS.
+        test_nms_pre: cap on candidates before the class-aware NMS, with ``trim_empty_slots``
+            off only (static shapes); with it on, every candidate above ``score_thr`` enters.
         mask_sampling_ratio: RoIAlign samples per bin side when building mask targets.
         trim_empty_slots: run the mask branch only on the leading slots that hold real entries
             (positives come first in training, valid detections first at test). Measured on CPU
@@ -126,6 +130,16 @@ class StandardRoIHeads(nn.Cell):
             return slots
         count = int(flags.astype(ms.int32).sum(axis=1).max().asnumpy())
         return bucketed_slots(count, slots)
+
+    def _candidate_count(self, cand_valid: Tensor) -> int:
+        """(proposal, class) candidates to keep for the class-aware NMS, of `cand_valid` (B, C):
+        with `trim_empty_slots`, every valid one of the image that has most (rounded up to a power
+        of two, at least max_per_img, so that few distinct shapes occur); else `test_nms_pre`."""
+        total = cand_valid.shape[1]
+        if not self.trim_empty_slots:
+            return min(self.test_nms_pre, total)
+        count = int(cand_valid.astype(ms.int32).sum(axis=1).max().asnumpy())
+        return min(total, max(self.max_per_img, 1 << max(count - 1, 0).bit_length()))
 
     # ------------------------------------------------------------------ training
     def forward_train(self, features: Sequence[Tensor], img_meta: Tensor, proposals: Tensor,
@@ -198,7 +212,7 @@ class StandardRoIHeads(nn.Cell):
             ops.broadcast_to(proposal_valid.reshape(batch, num_props, 1),
                              (batch, num_props, num_classes)).reshape(batch, -1))
 
-        num_cand = min(self.test_nms_pre, num_props * num_classes)
+        num_cand = self._candidate_count(cand_valid)
         cand_scores, cand_idx = ops.topk(ops.where(cand_valid, scores, MASKED_SCORE), num_cand)
         cand_boxes = batched_gather(boxes, cand_idx)
         cand_labels = cand_idx % num_classes + 1

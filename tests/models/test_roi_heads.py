@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import mindspore as ms
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, nn, ops
 
 from instaboost.models.assigner import MaxIoUAssigner
 from instaboost.models.bbox_head import Shared2FCBBoxHead
@@ -348,3 +348,40 @@ def test_forward_test_shapes_and_class_aware_nms():
     assert np.all(scores[~valid] == 0) and np.all(dets.masks.asnumpy()[~valid] == 0)
     masks = dets.masks.asnumpy()[valid]
     assert masks.min() >= 0 and masks.max() <= 1
+
+
+class _FixedScoresBoxHead(nn.Cell):
+    """A box head that gives every RoI the class logits of its row in `logits`, no box deltas."""
+
+    def __init__(self, logits: np.ndarray):
+        super().__init__()
+        self.num_classes = logits.shape[1] - 1
+        self.logits = Tensor(logits)
+
+    def construct(self, roi_feats):
+        return self.logits, ops.zeros((roi_feats.shape[0], self.num_classes, 4), ms.float32)
+
+
+def test_forward_test_keeps_every_candidate_above_score_thr():
+    # 6 objects x 10 near-duplicate proposals. Objects 0-2: class 1 at 0.8 and class 3 at 0.12;
+    # objects 3-5: class 2 at 0.08, above score_thr but below every candidate of the others. 90
+    # candidates: a cap of 60 before the NMS (the duplicates of 0-2) would lose class 2 entirely.
+    objects, copies = 6, 10
+    rng = np.random.default_rng(11)
+    corners = [np.array([x, y, x + 14, y + 14], np.float32)
+               for x, y in [(2, 2), (24, 2), (46, 2), (2, 30), (24, 30), (46, 30)]]
+    proposals = np.concatenate([c + rng.uniform(-0.3, 0.3, (copies, 4)) for c in corners])
+    probs = np.zeros((objects * copies, 4), np.float32)
+    probs[:3 * copies] = [0.08, 0.8, 0.0, 0.12]
+    probs[3 * copies:] = [0.92, 0.0, 0.08, 0.0]
+    heads = make_roi_heads(max_per_img=20)
+    heads.bbox_head = _FixedScoresBoxHead(np.log(np.maximum(probs, 1e-9)).astype(np.float32))
+    heads.trim_empty_slots = True
+    heads.test_nms_pre = 60   # the static-shape cap must not apply with trim_empty_slots
+    meta = Tensor(np.array([[0, IMAGE, IMAGE, IMAGE, IMAGE]], np.float32))
+    dets = heads.forward_test(random_features(batch=1), meta,
+                              Tensor(proposals[None].astype(np.float32)),
+                              Tensor(np.ones((1, objects * copies), bool)))
+    valid = dets.valid.asnumpy()[0]
+    labels = dets.labels.asnumpy()[0][valid]
+    assert {c: int((labels == c).sum()) for c in (1, 2, 3)} == {1: 3, 2: 3, 3: 3}
