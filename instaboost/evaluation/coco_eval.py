@@ -8,7 +8,6 @@ import io
 import logging
 from typing import Dict, List, Sequence, Tuple
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -23,22 +22,45 @@ AREA_ALL = 0        # index of area range "all" in COCOeval.params.areaRng
 MAX_DETS_LAST = -1  # COCOeval's last maxDets entry (100)
 
 
+def _sampling_weights(first: int, count: int, low: float, high: float, cells: int) -> np.ndarray:
+    """(count, cells) bilinear weights that sample a row of `cells` values spread evenly over
+    [low, high) at the pixel centres first + 0.5, ..., first + count - 0.5; a neighbour beyond the
+    row weighs nothing (zero padding, as grid_sample's with align_corners=False)."""
+    centres = np.arange(first, first + count, dtype=np.float64) + 0.5
+    position = (centres - low) / (high - low) * cells - 0.5   # in cell-centre units
+    left = np.floor(position).astype(np.int64)
+    right_weight = position - left
+    weights = np.zeros((count, cells), dtype=np.float64)
+    rows = np.arange(count)
+    for index, weight in ((left, 1.0 - right_weight), (left + 1, right_weight)):
+        inside = (index >= 0) & (index < cells)
+        weights[rows[inside], index[inside]] = weight[inside]
+    return weights
+
+
 def paste_mask(mask_probs: np.ndarray, box: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
     """Paste an (M, M) probability map predicted inside `box` (xyxy, original pixels) into an image mask.
 
-    Returns uint8 (height, width). The map is resized to the box's integer extent with bilinear
-    interpolation, then thresholded, so the mask follows the box rather than the 28x28 grid.
+    Returns uint8 (height, width). Each image pixel near the box samples the map, spread over the
+    box's exact (fractional) extent, bilinearly at its centre, as mmdetection's ``_do_paste_mask``
+    does; a pixel is set where that is >= threshold. So the mask never reaches past the box: at
+    threshold 0.5 only pixels whose centre lies inside it can be set. A box without area pastes
+    nothing.
     """
-    x1, y1, x2, y2 = box
-    x0, y0 = int(np.floor(x1)), int(np.floor(y1))
-    w = max(int(np.ceil(x2)) - x0, 1)
-    h = max(int(np.ceil(y2)) - y0, 1)
-    resized = cv2.resize(mask_probs.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= threshold
+    x1, y1, x2, y2 = (float(v) for v in box)
     out = np.zeros((height, width), dtype=np.uint8)
-    ix0, iy0 = max(x0, 0), max(y0, 0)
-    ix1, iy1 = min(x0 + w, width), min(y0 + h, height)
-    if ix1 > ix0 and iy1 > iy0:
-        out[iy0:iy1, ix0:ix1] = resized[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+    if not (x2 > x1 and y2 > y1):
+        return out
+    # One pixel of margin: beyond it no pixel centre is within half a map cell of the box.
+    left, top = max(int(np.floor(x1)) - 1, 0), max(int(np.floor(y1)) - 1, 0)
+    right, bottom = min(int(np.ceil(x2)) + 1, width), min(int(np.ceil(y2)) + 1, height)
+    if right <= left or bottom <= top:
+        return out
+    cells_y, cells_x = mask_probs.shape
+    rows = _sampling_weights(top, bottom - top, y1, y2, cells_y)
+    columns = _sampling_weights(left, right - left, x1, x2, cells_x)
+    sampled = rows @ mask_probs.astype(np.float64) @ columns.T
+    out[top:bottom, left:right] = sampled >= threshold
     return out
 
 
@@ -58,9 +80,9 @@ def detections_to_coco(det_boxes: np.ndarray, det_scores: np.ndarray, det_labels
         scale = np.array([resized_w / orig_w, resized_h / orig_h] * 2, dtype=np.float32)
         for d in np.flatnonzero(det_valid[b]):
             box = det_boxes[b, d] / scale
+            # A box clipped to no width or height is still a detection (mmdetection writes it
+            # too): a false positive with an empty mask, not one to drop from the results.
             box = np.clip(box, 0, [width, height, width, height])
-            if box[2] <= box[0] or box[3] <= box[1]:
-                continue
             mask = paste_mask(det_masks[b, d], box, height, width, mask_threshold)
             rle = mask_utils.encode(np.asfortranarray(mask))
             rle["counts"] = rle["counts"].decode("ascii")

@@ -24,6 +24,13 @@ def test_ground_truth_scores_perfectly_against_itself():
         rle["counts"] = rle["counts"].decode("ascii")
         results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
                         "score": 1.0, "segmentation": rle})
+    # a box clipped to no width (an empty mask), scored below every true detection
+    ann = gt.dataset["annotations"][0]
+    empty = mask_utils.encode(np.zeros((gt.imgs[ann["image_id"]]["height"],
+                                        gt.imgs[ann["image_id"]]["width"]), np.uint8, order="F"))
+    empty["counts"] = empty["counts"].decode("ascii")
+    results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                    "bbox": [0.0, 5.0, 0.0, 10.0], "score": 0.5, "segmentation": empty})
     metrics, per_category, summary = evaluate_coco(gt, results, gt.getImgIds())
     assert set(metrics) == {f"{t}/{n}" for t in ("bbox", "segm") for n in STAT_NAMES}
     assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
@@ -88,6 +95,34 @@ def test_paste_mask_follows_the_box():
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 29, 5, 24)
     clipped = paste_mask(probs, np.array([-5.0, -5.0, 10.0, 10.0]), 40, 50, 0.5)
     assert clipped[:10, :10].all() and clipped.sum() == 100
+
+
+def test_paste_mask_stays_inside_a_fractional_box():
+    # The map spreads over the box's exact extent, sampled at pixel centres (mmdetection's
+    # _do_paste_mask): only pixels whose centre is inside the box can be set.
+    ones = np.ones((28, 28), np.float32)
+    mask = paste_mask(ones, np.array([10.6, 10.6, 30.4, 30.4]), 40, 40, 0.5)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (11, 29, 11, 29) and mask.sum() == 19 * 19
+    assert paste_mask(ones, np.array([3.9, 3.9, 6.1, 6.1]), 10, 10, 0.5).sum() == 4
+    # a left-half map over x 10.9-20.9 has its edge at x = 15.9: columns 11-15
+    left_half = np.zeros((28, 28), np.float32)
+    left_half[:, :14] = 1.0
+    mask = paste_mask(left_half, np.array([10.9, 0.0, 20.9, 10.0]), 10, 30, 0.5)
+    assert np.flatnonzero(mask.any(axis=0)).tolist() == [11, 12, 13, 14, 15]
+    assert paste_mask(ones, np.array([5.0, 5.0, 5.0, 9.0]), 10, 10, 0.5).sum() == 0
+
+
+def test_detection_clipped_to_no_width_is_kept():
+    # Decoded past the right edge and clipped there: a false positive, written with w = 0.
+    meta = np.array([[7, 100, 200, 50, 100]], np.float32)
+    boxes = np.array([[[10, 10, 30, 20], [100, 10, 100, 20]]], np.float32)
+    results = detections_to_coco(boxes, np.array([[0.9, 0.8]]), np.array([[2, 2]]),
+                                 np.array([[True, True]]), np.ones((1, 2, 28, 28), np.float32),
+                                 meta, {2: 18}, 0.5)
+    assert len(results) == 2
+    assert results[1]["bbox"] == pytest.approx([200, 20, 0, 20])
+    assert mask_utils.area(results[1]["segmentation"]) == 0
 
 
 def test_detections_map_back_to_original_pixels():
