@@ -24,9 +24,11 @@ from omegaconf import DictConfig
 
 from instaboost.config import CONFIG_DIR  # registers the resolvers and schemas
 from instaboost.config.validate import ConfigError, validate
-from instaboost.tracking import start_run, tracking_uri
+from instaboost.tracking import mark_interrupted, start_run, tracking_uri
 
 OPTIMIZED_METRIC = "segm/AP"
+# Tracking URIs of servers, whose runs are browsed at their own address.
+SERVED_SCHEMES = ("http", "https", "databricks")
 
 
 def _interrupt_on_sigterm(signum: int, frame: object) -> None:
@@ -38,6 +40,14 @@ def _mlflow_command() -> str:
     """The mlflow CLI of this interpreter's environment (make demo's .venv is not on PATH)."""
     beside = Path(sys.executable).parent / "mlflow"
     return str(beside) if beside.is_file() else "mlflow"
+
+
+def browse_command(uri: str) -> str:
+    """What opens the runs of store `uri`: a tracking server serves its own UI (``mlflow ui``
+    cannot open an http store), any other store is opened by ``mlflow ui`` on it."""
+    if uri.split(":", 1)[0] in SERVED_SCHEMES:
+        return f"open {uri}"
+    return f"{shlex.quote(_mlflow_command())} ui --backend-store-uri {shlex.quote(uri)}"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -54,11 +64,23 @@ def main(cfg: DictConfig) -> Optional[float]:
             metrics = TASKS[cfg.task](cfg, tracker=tracker, output_dir=output_dir)
     finally:
         print(f"Outputs: {output_dir}")
-        print(f"Browse runs: {shlex.quote(_mlflow_command())} ui --backend-store-uri "
-              f"{shlex.quote(tracking_uri(cfg))}")
-    return metrics.get(OPTIMIZED_METRIC)
+        print(f"Browse runs: {browse_command(tracking_uri(cfg))}")
+    value = metrics.get(OPTIMIZED_METRIC)
+    # COCOeval's -1 means no ground truth was scored: nothing for a sweeper to optimise.
+    return value if value is not None and value >= 0 else None
+
+
+def cli() -> None:
+    """``python run.py ...``: Hydra's app, with SIGTERM raised as KeyboardInterrupt. An interrupt
+    is recorded wherever it lands, so a sweep's parent run ends KILLED even when no job's run
+    was open (Hydra lets KeyboardInterrupt through; the exit guard ends the parent)."""
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        main()
+    except KeyboardInterrupt:
+        mark_interrupted()
+        raise
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    main()
+    cli()

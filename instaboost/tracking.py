@@ -370,7 +370,6 @@ def start_run(cfg: DictConfig, output_dir: os.PathLike | str) -> Iterator[Tracke
     re-raised) or KILLED (KeyboardInterrupt). Inside a multirun the run links to the sweep's
     parent run through ``mlflow.parentRunId``.
     """
-    global _INTERRUPTED
     output_dir = Path(output_dir).resolve()
     client, experiment_id = _open_client(cfg)
     job = _job_info()
@@ -398,7 +397,7 @@ def start_run(cfg: DictConfig, output_dir: os.PathLike | str) -> Iterator[Tracke
         yield tracker
     except KeyboardInterrupt:
         status = RunStatus.KILLED
-        _INTERRUPTED = True
+        mark_interrupted()
         raise
     except BaseException as err:
         status = RunStatus.FAILED
@@ -504,6 +503,15 @@ def _has_failed_children(client: MlflowClient, parent_run_id: str) -> bool:
     return any(child.info.status in bad for child in children)
 
 
+def mark_interrupted() -> None:
+    """Record that an interrupt (Ctrl-C, or SIGTERM raised as KeyboardInterrupt) stops this
+    process, so sweep parents left open end KILLED, not FAILED. ``start_run`` records it for an
+    interrupt inside a job's run; the entry point calls this for one that comes between runs
+    (validation, MindSpore's import, Hydra composing the next job)."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+
+
 @atexit.register
 def _end_open_parents() -> None:
     """End parent runs this process left RUNNING (FAILED, or KILLED after an interrupt)."""
@@ -526,6 +534,7 @@ __all__ = [
     "artifact_location",
     "flatten_params",
     "git_state",
+    "mark_interrupted",
     "run_name_from_overrides",
     "start_run",
     "tracking_uri",

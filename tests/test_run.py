@@ -84,6 +84,12 @@ def test_single_run(monkeypatch, tmp_path, mlflow_uri, probe_task, capsys) -> No
                                                       "overrides.yaml"}
 
 
+def test_browse_command_per_store() -> None:
+    assert run_module.browse_command("http://127.0.0.1:5000") == "open http://127.0.0.1:5000"
+    local = run_module.browse_command("sqlite:////data/my runs/mlflow.db")
+    assert local.endswith(" ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db'")
+
+
 def test_multirun_parent_with_two_children(monkeypatch, tmp_path, mlflow_uri, probe_task) -> None:
     run_app(monkeypatch, run_module.main,
             ["-m", f"task={probe_task}", "augmentation.aug_prob=0.0,0.5",
@@ -175,6 +181,33 @@ def test_sweep_dying_after_start_leaves_no_running_parent(tmp_path, mlflow_uri) 
     runs = list(_runs(mlflow_uri).values())
     assert len(runs) == 1 and "sweep_dir" in runs[0].data.tags
     assert runs[0].info.status == "FAILED"
+
+
+# run.py's command line, with a KeyboardInterrupt where no job's run is open: its validation.
+_INTERRUPT_BETWEEN_RUNS = """
+import sys
+import run
+def interrupted(cfg):
+    raise KeyboardInterrupt("between runs")
+run.validate = interrupted
+sys.argv = ["run.py", *sys.argv[1:]]
+run.cli()
+"""
+
+
+def test_sweep_interrupted_between_runs_ends_its_parent_killed(tmp_path, mlflow_uri) -> None:
+    # Ctrl-C or SIGTERM while Hydra composes a job or MindSpore loads: no job's run records the
+    # interrupt, so the entry point does, and the exit guard ends the parent KILLED, not FAILED.
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_BETWEEN_RUNS, "-m", "augmentation.aug_prob=0.0,0.5",
+         *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA],
+        cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert "KeyboardInterrupt: between runs" in proc.stderr, proc.stderr
+    runs = list(_runs(mlflow_uri).values())
+    assert len(runs) == 1 and "sweep_dir" in runs[0].data.tags
+    assert runs[0].info.status == "KILLED"
 
 
 def test_unusable_device_names_the_key_and_fails_the_run(tmp_path, mlflow_uri) -> None:
