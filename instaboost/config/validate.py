@@ -288,6 +288,10 @@ def _check_augmentation(c: _Checker) -> None:
     c.min_max(f"{a}.scale")
     c.all_positive(f"{a}.scale")
     c.min_max(f"{a}.theta")
+    if c.get(f"{a}.engine") == "instaboostfast":
+        # instaboostfast draws whole degrees (random.randint): a fraction cannot reach it.
+        c.require(f"{a}.theta", lambda v: all(float(t) == int(t) for t in v),
+                  "must be whole degrees with augmentation.engine=instaboostfast")
 
 
 def _check_schedule(c: _Checker) -> None:
@@ -306,8 +310,10 @@ def _check_schedule(c: _Checker) -> None:
         f"{s}.ckpt_every_steps",
     )
     c.optional_positive(f"{s}.max_steps")
+    # keep_checkpoint_max: at least the final weights are kept (0 would delete them as well).
+    c.positive(f"{s}.keep_checkpoint_max")
     c.non_negative(f"{s}.weight_decay", f"{s}.warmup_steps", f"{s}.grad_clip",
-                   f"{s}.keep_checkpoint_max", f"{s}.keep_best_checkpoints_max")
+                   f"{s}.keep_best_checkpoints_max")
     c.require(f"{s}.momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
     c.require(f"{s}.warmup_ratio", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
     divisor = c.get(f"{s}.pad_divisor")

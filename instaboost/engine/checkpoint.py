@@ -48,8 +48,9 @@ class CheckpointManager:
         return path
 
     def save_best(self, network, optimizer, step: int, value: float) -> Optional[Path]:
-        """Save when `value` ranks among the best k; returns the path, or None when it does not."""
-        if self.keep_best == 0 or value is None or math.isnan(value):
+        """Save when `value` ranks among the best k; returns the path, or None when it does not.
+        COCOeval's -1 (no ground truth to score against) ranks nothing, as NaN does."""
+        if self.keep_best == 0 or value is None or math.isnan(value) or value < 0:
             return None
         if len(self.best) >= self.keep_best and value <= self.best[-1][0]:
             return None

@@ -122,6 +122,7 @@ def test_checkpoint_manager_keeps_latest_and_best_and_restores_optimizer(tmp_pat
     assert manager.save_best(net, opt, 5, 0.5) is not None
     assert manager.save_best(net, opt, 6, 0.1) is None, "worse than the best two: not kept"
     assert manager.save_best(net, opt, 7, 0.4) is not None
+    assert manager.save_best(net, opt, 8, -1.0) is None, "COCOeval's -1: no ground truth"
     assert sorted(v for v, _ in manager.best) == [0.4, 0.5]
     assert len(list(tmp_path.glob("*.ckpt"))) == 4
 
