@@ -202,7 +202,21 @@ class CocoSource:
                              f"carried exactly by the float32 image metadata; {len(outside)} do "
                              f"not, e.g. {outside[:3]}")
         self.image_ids: list[int] = image_ids
+        self._check_image_entries()
         self._ann_ids = self._usable_annotation_ids()
+
+    def _check_image_entries(self) -> None:
+        """Every selected images[] entry names its file and gives its size (a worker reads them
+        later, where a missing key would be a bare KeyError naming neither the json nor the id)."""
+        for image_id in self.image_ids:
+            info = self.coco.imgs[image_id]
+            if not isinstance(info.get("file_name"), str) or not info["file_name"]:
+                raise ValueError(f"{self.annotations_file}: image {image_id} has no file_name")
+            for side in ("height", "width"):
+                value = info.get(side)
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"{self.annotations_file}: image {image_id} needs a positive "
+                                     f"integer {side}, got {value!r}")
 
     def _usable_annotation_ids(self) -> dict[int, list[int]]:
         """Annotation ids per image, checked once here rather than in a data worker: a missing box
@@ -228,6 +242,14 @@ class CocoSource:
                 if not _keep_valid_segmentation(ann):
                     no_segmentation += 1
                     continue
+                segmentation = ann["segmentation"]
+                if isinstance(segmentation, dict):
+                    image = self.coco.imgs[image_id]
+                    if list(segmentation["size"]) != [image["height"], image["width"]]:
+                        # pycocotools would decode it at its own size: a mask of another shape
+                        raise ValueError(
+                            f"{where}: RLE size {list(segmentation['size'])} is not the image's "
+                            f"[height, width] {[image['height'], image['width']]}")
                 keep.append(ann["id"])
             usable[image_id] = keep
         if small:

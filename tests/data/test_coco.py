@@ -135,6 +135,9 @@ def test_annotations_without_a_usable_segmentation_are_counted_not_fatal(tmp_pat
 @pytest.mark.parametrize("bad, message", [
     ({"category_id": 7}, r"annotation 1 \(image 1\): category_id 7 is not among the file's categories \[1\]"),
     ({"bbox": None}, r"annotation 1 \(image 1\) has no \[x, y, width, height\] bbox"),
+    # an RLE of the transposed size would decode to a (48, 32) mask of a (32, 48) image
+    ({"segmentation": {"size": [48, 32], "counts": "0`0"}},
+     r"annotation 1 \(image 1\): RLE size \[48, 32\] is not the image's \[height, width\] \[32, 48\]"),
 ])
 def test_malformed_annotations_name_the_file_and_annotation(tmp_path, bad, message):
     cv2.imwrite(str(tmp_path / "a.png"), np.full((32, 48, 3), 100, np.uint8))
@@ -142,6 +145,18 @@ def test_malformed_annotations_name_the_file_and_annotation(tmp_path, bad, messa
            "bbox": [4, 4, 16, 16], "iscrowd": 0, **bad}
     images = [{"id": 1, "file_name": "a.png", "width": 48, "height": 32}]
     annotations_file = _write_coco(tmp_path, images, [ann])
+    with pytest.raises(ValueError, match=str(annotations_file.resolve()) + ": " + message):
+        CocoSource(tmp_path, annotations_file)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"width": 48}, r"image 1 needs a positive integer height, got None"),
+    ({"width": 48, "height": 0}, r"image 1 needs a positive integer height, got 0"),
+    ({"height": 32, "width": 48.5}, r"image 1 needs a positive integer width, got 48.5"),
+])
+def test_image_entries_without_file_or_size_name_the_file_and_image(tmp_path, entry, message):
+    images = [{"id": 1, "file_name": "a.png", **entry}]
+    annotations_file = _write_coco(tmp_path, images, [])
     with pytest.raises(ValueError, match=str(annotations_file.resolve()) + ": " + message):
         CocoSource(tmp_path, annotations_file)
 
