@@ -20,7 +20,10 @@ from typing import Iterable, Mapping
 import numpy as np
 
 # Every counter of the data package, with its unit. Counters of one event per *load* grow with
-# the number of epochs; "once" counters are counted when the annotation file is read.
+# the number of epochs; "once" counters are counted when the annotation file is read. Per-load
+# counters count what the pipeline produced: MindSpore's workers prefetch, so a run cut short by
+# schedule.max_steps counts samples beyond its last step, and an epoch's dropped last partial
+# batch is counted too.
 COUNTER_DOCS: Mapping[str, str] = {
     "annotations_skipped_small": "annotations with bbox width or height < 1 px (once, at load of the json)",
     "annotations_skipped_no_segmentation": "annotations without a segmentation, or only polygons of fewer than 3 points (once, at load of the json)",

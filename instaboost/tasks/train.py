@@ -70,9 +70,12 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     augment = build_instaboost_step(augmentation, stats=train_source.stats)
     label_names = {label: categories.name(label) for label in range(1, categories.num_classes + 1)}
     label_to_category = {label: categories.to_coco_id(label) for label in label_names}
-    # The grid's samples are not training samples: its step counts into counters of its own.
-    grid_augment = build_instaboost_step(augmentation, stats=DataStats())
-    tracker.log_image(sample_grid(train_source, grid_augment, cfg.seed, label_names),
+    # The grid's samples are not training samples: its loads and its InstaBoost step count into
+    # counters of their own.
+    grid_stats = DataStats()
+    grid_augment = build_instaboost_step(augmentation, stats=grid_stats)
+    tracker.log_image(sample_grid(train_source.counting_into(grid_stats), grid_augment, cfg.seed,
+                                  label_names),
                       "augmentation/samples.png")
 
     network = build_detector(cfg.detector, cfg.backbone, num_classes=categories.num_classes,
