@@ -1,7 +1,9 @@
 """The unfold and Winograd convolution paths against MindSpore's native kernels (outputs and
 gradients)."""
 import math
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import List
 
@@ -292,6 +294,27 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
         native_kernels.kernel_library.cache_clear()
 
 
+def test_interrupted_build_leaves_no_scratch_file(monkeypatch):
+    real_run = native_kernels.subprocess.run
+
+    def interrupted_compile(command, *args, **kwargs):
+        if "-o" in command:   # Ctrl-C while the compiler runs
+            raise KeyboardInterrupt
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(native_kernels.subprocess, "run", interrupted_compile)
+    # a flag no cached build has, so the library is built now
+    flags = ("-DINTERRUPTED_BUILD_TEST",)
+    before = set(native_kernels.BUILD_DIR.glob("*.so"))
+    native_kernels.kernel_library.cache_clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            native_kernels.kernel_library("all_finite", flags)
+    finally:
+        native_kernels.kernel_library.cache_clear()
+    assert set(native_kernels.BUILD_DIR.glob("*.so")) == before
+
+
 def test_another_compiler_version_at_the_same_path_gets_its_own_build(monkeypatch, tmp_path):
     """The build hash covers what the compiler says it is, not only its path (an upgraded g++)."""
     real = shutil.which("g++") or shutil.which("c++")
@@ -310,8 +333,12 @@ def test_another_compiler_version_at_the_same_path_gets_its_own_build(monkeypatc
             libraries.append(Path(native_kernels.kernel_library("all_finite")))
         finally:
             native_kernels.kernel_library.cache_clear()
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         assert libraries[0] != libraries[1] and all(path.is_file() for path in libraries)
+        # loadable by every user the umask allows, as a library `g++ -o` writes (not mkstemp's 0600)
+        assert all(stat.S_IMODE(path.stat().st_mode) == 0o755 & ~umask for path in libraries)
     finally:
         for path in libraries:
             path.unlink(missing_ok=True)

@@ -103,16 +103,29 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
     target = BUILD_DIR / f"{name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return str(target)
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    try:
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    except OSError as error:
+        raise KernelBuildError(f"cannot write the kernel build folder {BUILD_DIR}: {error}") from error
     os.close(handle)
-    command = [compiler, *flags, "-o", scratch, str(source)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        os.unlink(scratch)
-        raise KernelBuildError(f"building {source} failed ({' '.join(command)}):\n"
-                               f"{result.stderr.strip()}")
-    os.replace(scratch, target)
+    try:
+        command = [compiler, *flags, "-o", scratch, str(source)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelBuildError(f"building {source} failed ({' '.join(command)}):\n"
+                                   f"{result.stderr.strip()}")
+        # mkstemp made the file 0600 and the linker kept that: as `g++ -o` would, let every
+        # user the umask allows load the library (a build made by root, run by another user).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(scratch, 0o755 & ~umask)
+        with open(scratch, "rb") as built:   # on disk before it takes the cached name
+            os.fsync(built.fileno())
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):   # failed or interrupted: no scratch file left behind
+            os.unlink(scratch)
     return str(target)
 
 
