@@ -171,6 +171,20 @@ def test_layout_kernels_differentiate_themselves(layout):
     np.testing.assert_array_equal(kernel.asnumpy(), reference.asnumpy())
 
 
+@pytest.mark.parametrize("kernel_size, stride, groups", [(3, 1, 1), (3, 2, 2), (1, 2, 1)])
+def test_unfold_forward_on_the_kernel_matmul_compiles_under_jit(kernel_size, stride, groups):
+    # The module docstring's graph-mode claim: the same output compiled as in PyNative.
+    conv = UnfoldConv2d(4, 6, kernel_size, stride=stride, padding=kernel_size // 2,
+                        groups=groups, matmul_impl="kernel")
+    x = Tensor(np.random.default_rng(SEED).standard_normal((2, 4, 9, 7)).astype(np.float32))
+
+    def forward(inputs):
+        return conv(inputs)
+
+    np.testing.assert_allclose(ms.jit(forward)(x).asnumpy(), conv(x).asnumpy(), rtol=1e-6,
+                               atol=1e-6)
+
+
 def test_traced_winograd_forward_differentiates_on_new_inputs():
     """A forward traced with ``ms.jit(capture_mode="trace")`` through the Winograd operators,
     differentiated by PyNative's ``ms.grad``: the gradients of the eager layer on inputs of

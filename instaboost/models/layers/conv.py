@@ -40,9 +40,11 @@ concatenation of contiguous blocks; and around what is slow there: materialising
   convolutions (groups 1) become one batched product ``Y[n] = W · X[n]`` and the deconvolution
   one batched product plus the C++ sub-pixel interleave, with no re-ordering gathers at all.
 
-Graph mode: the forward of every unfold cell compiles under ``ms.jit``, and so does the backward
-of the deconvolution; the convolution backward does not (MindSpore 2.10's graph compiler fails on
-the shape-dependent branches of its bprop), so train steps using them run in PyNative mode.
+Graph mode: with ``matmul_impl="kernel"`` the forward of every unfold cell compiles under
+``ms.jit``, and so does the backward of the deconvolution; with MindSpore's matmul only the 1x1
+and deconvolution forwards do (MindSpore 2.10's graph compiler fails on the k x k path's Python).
+The convolution backward does not compile either way (the graph compiler fails on the
+shape-dependent branches of its bprop), so train steps using these cells run in PyNative mode.
 """
 from __future__ import annotations
 
