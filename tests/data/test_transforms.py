@@ -120,6 +120,11 @@ def test_train_transform_geometry_on_real_images(flip_ratio):
         # the image holds the resized picture, RGB, normalized
         rgb = out["image"][:, :new_h, :new_w] * np.array(STD)[:, None, None] + np.array(MEAN)[:, None, None]
         assert rgb.min() > -1 and rgb.max() < 256
+        if flip_ratio:   # the picture and the masks are flipped with the boxes
+            unflipped = _transform(flip_ratio=0.0)(source.load(index), np.random.default_rng(index))
+            np.testing.assert_array_equal(out["image"][:, :new_h, :new_w],
+                                          unflipped["image"][:, :new_h, :new_w][:, :, ::-1])
+            np.testing.assert_array_equal(out["gt_masks"][:n], unflipped["gt_masks"][:n][:, :, ::-1])
     errors = np.concatenate(nearest_errors)
     assert np.median(errors) <= 0.5 + 1e-3 and np.mean(errors <= BOX_MATCH_PX) >= NEAREST_WITHIN_SHARE
 
