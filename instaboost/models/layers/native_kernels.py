@@ -47,12 +47,15 @@ class KernelBuildError(RuntimeError):
 
 
 def _cpu_signature() -> str:
-    """CPU model and feature flags (what -march=native compiles for), or the machine name."""
+    """CPU model and feature flags (what -march=native compiles for), or the machine name.
+    x86 names them "model name" and "flags"; Arm "CPU implementer", "CPU part" and "Features"."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+    wanted = [line for line in lines
+              if line.startswith(("model name", "flags", "CPU implementer", "CPU architecture",
+                                  "CPU variant", "CPU part", "Features"))]
     return "\n".join(sorted(set(wanted))) or platform.machine()
 
 
