@@ -17,9 +17,8 @@ evaluation alike.
 """
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import io
 import logging
 from pathlib import Path
@@ -216,7 +215,9 @@ class CocoSource:
                 raise ValueError(f"{self.annotations_file}: image {image_id} has no file_name")
             for side in ("height", "width"):
                 value = info.get(side)
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                # 640.0 from a converter is 640; a fraction or a string is no image size
+                if (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or value <= 0 or not float(value).is_integer()):
                     raise ValueError(f"{self.annotations_file}: image {image_id} needs a positive "
                                      f"integer {side}, got {value!r}")
 
@@ -247,11 +248,11 @@ class CocoSource:
                 segmentation = ann["segmentation"]
                 if isinstance(segmentation, dict):
                     image = self.coco.imgs[image_id]
-                    if list(segmentation["size"]) != [image["height"], image["width"]]:
+                    shape = [int(image["height"]), int(image["width"])]
+                    if list(segmentation["size"]) != shape:
                         # pycocotools would decode it at its own size: a mask of another shape
-                        raise ValueError(
-                            f"{where}: RLE size {list(segmentation['size'])} is not the image's "
-                            f"[height, width] {[image['height'], image['width']]}")
+                        raise ValueError(f"{where}: RLE size {list(segmentation['size'])} is not "
+                                         f"the image's [height, width] {shape}")
                 keep.append(ann["id"])
             usable[image_id] = keep
         if small:

@@ -154,12 +154,19 @@ def test_malformed_annotations_name_the_file_and_annotation(tmp_path, bad, messa
     ({"width": 48}, r"image 1 needs a positive integer height, got None"),
     ({"width": 48, "height": 0}, r"image 1 needs a positive integer height, got 0"),
     ({"height": 32, "width": 48.5}, r"image 1 needs a positive integer width, got 48.5"),
+    ({"height": "32", "width": 48}, r"image 1 needs a positive integer height, got '32'"),
 ])
 def test_image_entries_without_file_or_size_name_the_file_and_image(tmp_path, entry, message):
     images = [{"id": 1, "file_name": "a.png", **entry}]
     annotations_file = _write_coco(tmp_path, images, [])
     with pytest.raises(ValueError, match=str(annotations_file.resolve()) + ": " + message):
         CocoSource(tmp_path, annotations_file)
+
+
+def test_integral_float_image_sizes_are_sizes(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((32, 48, 3), 100, np.uint8))
+    images = [{"id": 1, "file_name": "a.png", "width": 48.0, "height": 32.0}]
+    assert CocoSource(tmp_path, _write_coco(tmp_path, images, [])).load(0)["image"].shape == (32, 48, 3)
 
 
 def test_image_ids_the_metadata_cannot_carry_are_refused_when_the_json_is_read(tmp_path):
