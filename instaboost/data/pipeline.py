@@ -8,6 +8,11 @@
     gt_valid  bool    (B, G)          real entry (target or crowd)
     gt_crowd  bool    (B, G)          crowd/ignore region
 
+The training dataset yields one more column, `sample_counts` int64 (B, number of data counters):
+each sample's data counters, made while it was made. The training loop takes it off with
+`trained_batch`, which adds it to the source's counters: samples count when they are trained on,
+not when a worker prefetches them (see `instaboost.data.stats`).
+
 Randomness and epochs. Every training sample draws from its own Generator seeded with
 `sample_seed(seed, epoch, index)` (index = image index in the source), so a run is reproducible
 for any worker count and workers never share a stream. The epoch reaches the worker processes
@@ -38,6 +43,8 @@ from instaboost.data.transforms.geometric import (box_aligned_masks, check_pad_s
 from instaboost.utils.seed import sample_seed
 
 TRAIN_COLUMNS = ("image", "img_meta", "gt_boxes", "gt_labels", "gt_masks", "gt_valid", "gt_crowd")
+# The training dataset's last column, after TRAIN_COLUMNS (module docstring).
+SAMPLE_COUNTS_COLUMN = "sample_counts"
 EVAL_COLUMNS = ("image", "img_meta")
 META_SIZE = 5  # [image_id, orig_h, orig_w, resized_h, resized_w]
 # image_id written into img_meta for the filler samples of a padded last eval batch.
@@ -195,9 +202,19 @@ class TrainSampleSource:
         return self.transform(self.source.load(index), rng)
 
     def __getitem__(self, global_id: int) -> tuple[np.ndarray, ...]:
+        """TRAIN_COLUMNS, then the sample's own data counters (SAMPLE_COUNTS_COLUMN)."""
         epoch, index = divmod(int(global_id), len(self.source))
-        out = self.sample(epoch, index)
-        return tuple(out[name] for name in TRAIN_COLUMNS)
+        with self.source.stats.capture() as counts:
+            out = self.sample(epoch, index)
+        return tuple(out[name] for name in TRAIN_COLUMNS) + (counts,)
+
+
+def trained_batch(batch: Sequence[Any], stats: DataStats) -> tuple:
+    """A training dataset's batch (a tuple, TRAIN_COLUMNS then SAMPLE_COUNTS_COLUMN) as the train
+    step takes it, without the counts, which are added to `stats`: these samples are trained."""
+    *columns, counts = batch
+    stats.add_counts(counts.asnumpy() if hasattr(counts, "asnumpy") else counts)
+    return tuple(columns)
 
 
 class EvalSampleSource:
@@ -281,7 +298,9 @@ def build_train_dataset(source: CocoSource, *, augment, batch_size: int, img_hei
     """`mindspore.dataset` of training batches in the batch contract (module docstring).
 
     Args:
-        source: the training `CocoSource`; its `stats` receive the pipeline's counters.
+        source: the training `CocoSource`; its `stats` receive the pipeline's counters (the
+            transform's and the InstaBoost step's must be the same object: each sample's counts
+            are kept apart from it and travel with the sample, see the module docstring).
         augment: InstaBoost step (`InstaBoostAug`) or None.
         num_workers: 0 or 1 -> one in-process worker; > 1 -> that many worker processes
             (MindSpore's start method, 'fork' by default; 'spawn' works too).
@@ -292,6 +311,10 @@ def build_train_dataset(source: CocoSource, *, augment, batch_size: int, img_hei
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    step_stats = getattr(augment, "stats", source.stats)
+    if step_stats is not source.stats:
+        raise ValueError("the InstaBoost step must count into the training source's stats "
+                         "(build it with stats=source.stats)")
     transform = TrainTransform(img_height=img_height, img_width=img_width, pad_divisor=pad_divisor,
                                flip_ratio=flip_ratio, img_mean=img_mean, img_std=img_std,
                                num_gts=num_gts, gt_mask_size=gt_mask_size, augment=augment,
@@ -302,7 +325,8 @@ def build_train_dataset(source: CocoSource, *, augment, batch_size: int, img_hei
         raise ValueError(f"{sampler.per_shard} training images per shard cannot fill one batch of "
                          f"{batch_size} with drop_remainder=True")
     workers = max(1, int(num_workers))
-    dataset = ds.GeneratorDataset(TrainSampleSource(source, transform, seed), list(TRAIN_COLUMNS),
+    dataset = ds.GeneratorDataset(TrainSampleSource(source, transform, seed),
+                                  [*TRAIN_COLUMNS, SAMPLE_COUNTS_COLUMN],
                                   sampler=sampler, num_parallel_workers=workers,
                                   python_multiprocessing=workers > 1)
     return dataset.batch(batch_size, drop_remainder=drop_remainder)

@@ -7,28 +7,34 @@ named shared-memory block (int64 per counter) created by the owning process. A c
 fork keeps the same mapping; a pickled copy (spawn) re-attaches by name. Increments hold an
 exclusive `flock` on a small lock file, opened once per process, so concurrent workers never
 lose an update. The owner unlinks both when it is garbage collected or exits.
+
+Training samples count where they are trained, not where they are made: MindSpore's workers
+prefetch, so counting at production would count samples a run cut short by max_steps never
+trains on. `TrainSampleSource` makes each sample inside `capture()`, which keeps that sample's
+counts apart, in an array that travels with it as a column; the training loop adds the arrays
+of the batches it trains on (`add_counts`).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 import weakref
 from multiprocessing import shared_memory
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
 # Every counter of the data package, with its unit. Counters of one event per *load* grow with
-# the number of epochs; "once" counters are counted when the annotation file is read. Per-load
-# counters count what the pipeline produced: MindSpore's workers prefetch, so a run cut short by
-# schedule.max_steps counts samples beyond its last step, and an epoch's dropped last partial
-# batch is counted too.
+# the number of epochs (training samples: as trained, see the module docstring); "once" counters
+# are counted when the annotation file is read.
 COUNTER_DOCS: Mapping[str, str] = {
     "annotations_skipped_small": "annotations with bbox width or height < 1 px (once, at load of the json)",
     "annotations_skipped_no_segmentation": "annotations without a segmentation, or only polygons of fewer than 3 points (once, at load of the json)",
     "annotations_skipped_empty_mask": "annotations whose decoded mask is empty (per image load)",
-    "samples": "training samples produced by TrainTransform",
+    "samples": "training samples trained on",
     "instaboost_applied": "samples the InstaBoost engine was applied to",
     "instaboost_no_instances": "samples that drew 'apply' but had no non-crowd instance",
     "instaboost_dropped_instances": "instances the engine removed (pushed out) or left empty/degenerate",
@@ -70,6 +76,7 @@ class DataStats:
         os.close(handle)
         self._index = {name: i for i, name in enumerate(self._names)}
         self._lock_fds: dict[int, int] = {}  # pid -> descriptor of the lock file
+        self._captured = threading.local()
         weakref.finalize(self, _release, self._memory, self._lock_path, os.getpid(), self._lock_fds)
 
     def __getstate__(self) -> dict:
@@ -83,6 +90,7 @@ class DataStats:
         self._lock_path = state["lock_path"]
         self._index = {name: i for i, name in enumerate(self._names)}
         self._lock_fds = {}
+        self._captured = threading.local()
         weakref.finalize(self, _release, self._memory, self._lock_path, -1, self._lock_fds)
 
     def _values(self) -> np.ndarray:
@@ -109,10 +117,36 @@ class DataStats:
         position = self._position(name)
         if not count:
             return
+        captured = getattr(self._captured, "counts", None)
+        if captured is not None:
+            captured[position] += int(count)
+            return
         fd = self._lock()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             self._values()[position] += int(count)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[np.ndarray]:
+        """Within the block, what this thread adds goes to the yielded int64 array (one entry per
+        counter, in `names` order) instead of the shared counters."""
+        counts = np.zeros(len(self._names), dtype=np.int64)
+        outer = getattr(self._captured, "counts", None)
+        self._captured.counts = counts
+        try:
+            yield counts
+        finally:
+            self._captured.counts = outer
+
+    def add_counts(self, counts: np.ndarray) -> None:
+        """Add captured counts (`names` order; a batch of them is summed over its leading axes)."""
+        counts = np.asarray(counts, dtype=np.int64).reshape(-1, len(self._names)).sum(axis=0)
+        fd = self._lock()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            self._values()[:] += counts
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 

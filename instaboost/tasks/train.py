@@ -17,7 +17,7 @@ from instaboost.builders import build_detector, uses_cpu_kernels
 from instaboost.config.validate import ConfigError
 from instaboost.data.coco import CocoSource
 from instaboost.data.demo_data import ensure_demo_dataset
-from instaboost.data.pipeline import build_eval_dataset, build_train_dataset
+from instaboost.data.pipeline import build_eval_dataset, build_train_dataset, trained_batch
 from instaboost.data.stats import DataStats
 from instaboost.data.transforms import build_instaboost_step
 from instaboost.engine.checkpoint import CheckpointManager
@@ -97,7 +97,8 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     batches = train_data.create_tuple_iterator(num_epochs=epochs)
 
     def epoch_batches(epoch: int):
-        return iter(batches)
+        # Each batch's data counters are counted as it goes to the train step (not when prefetched).
+        return (trained_batch(batch, train_source.stats) for batch in batches)
 
     lr = scaled_learning_rate(schedule.base_lr, schedule.base_batch_size, schedule.batch_size,
                               cfg.hardware.device_num)

@@ -8,8 +8,9 @@ import pytest
 from instaboost.data.coco import CocoSource
 from instaboost.data.demo_data import ensure_demo_dataset
 from instaboost.data.stats import DataStats
-from instaboost.data.pipeline import (EVAL_COLUMNS, TRAIN_COLUMNS, EpochSampler, TrainSampleSource,
-                                      TrainTransform, build_eval_dataset, build_train_dataset)
+from instaboost.data.pipeline import (EVAL_COLUMNS, SAMPLE_COUNTS_COLUMN, TRAIN_COLUMNS, EpochSampler,
+                                      TrainSampleSource, TrainTransform, build_eval_dataset,
+                                      build_train_dataset, trained_batch)
 from instaboost.data.transforms import build_instaboost_step
 from instaboost.utils.seed import sample_seed, seed_everything
 from tests.helpers import shared_data_dir
@@ -53,11 +54,15 @@ def test_train_batches_match_the_contract_with_0_and_2_workers(demo_source):
         assert dataset.get_dataset_size() == 3  # asking the size does not consume an epoch
         runs[workers] = _epochs(dataset, 2)
         batch = runs[workers][0][0]
-        assert list(batch) == list(TRAIN_COLUMNS)
+        assert list(batch) == [*TRAIN_COLUMNS, SAMPLE_COUNTS_COLUMN]
         for name, (shape, dtype) in EXPECTED.items():
             assert batch[name].shape == shape and batch[name].dtype == dtype, name
         assert len(runs[workers][0]) == 3  # 6 images / batch 2
-        assert source.stats.get("samples") >= 12  # counted inside the worker processes too
+        # each sample's counters travel with it (made inside the worker processes too); none is
+        # counted in the source before the training loop takes its batch (trained_batch)
+        samples = source.stats.names.index("samples")
+        assert sum(int(b[SAMPLE_COUNTS_COLUMN][:, samples].sum()) for e in runs[workers] for b in e) == 12
+        assert source.stats.get("samples") == 0
         ids = sorted(int(i) for epoch in runs[workers][:1] for b in epoch for i in b["img_meta"][:, 0])
         assert ids == list(range(1, 7))
     for epoch_a, epoch_b in zip(runs[0], runs[2]):  # reproducible for any worker count
@@ -180,3 +185,25 @@ def test_train_transform_pickles_with_the_reference_engine(demo_source):
         np.testing.assert_array_equal(out[name], out_copy[name])
     # the copy counts into the same shared counters
     assert source.stats.get("samples") == 2 and source.stats.get("instaboost_applied") == 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_samples_count_when_trained_not_when_prefetched(demo_source, workers):
+    # Take one batch of the three of an epoch: the workers have made (prefetched) more than it.
+    source = CocoSource(demo_source[0], demo_source[1])
+    dataset = _train(source, workers, augment=build_instaboost_step(
+        {**AUG_PARAMS, "aug_prob": 1.0}, stats=source.stats))
+    iterator = dataset.create_tuple_iterator(num_epochs=1)
+    batch = trained_batch(next(iterator), source.stats)
+    assert len(batch) == len(TRAIN_COLUMNS)
+    assert source.stats.get("samples") == B
+    assert 0 < source.stats.get("instaboost_applied") + source.stats.get("instaboost_no_instances") <= B
+    for rest in iterator:
+        trained_batch(rest, source.stats)
+    assert source.stats.get("samples") == 6
+
+
+def test_train_dataset_refuses_a_step_counting_elsewhere(demo_source):
+    source = CocoSource(demo_source[0], demo_source[1])
+    with pytest.raises(ValueError, match="stats=source.stats"):
+        _train(source, 0, augment=build_instaboost_step(AUG_PARAMS, stats=DataStats()))
