@@ -13,7 +13,8 @@ to the level, shifted by -0.5 feature pixel, split into S x S bins, each average
 edge values within it). As in MindSpore's ``ROIAlign`` (``roi_end_mode=0``), RoI sides are at least
 one feature pixel.
 
-Three implementations with the same forward numerics (tests compare them with a plain loop):
+Three implementations with the same forward numerics on finite maps (tests compare them with a
+plain loop; the kernel skips taps of weight 0, so a NaN or Inf there does not reach its output):
   * ``"gather"`` (default): all levels flattened into one NHWC row table; each RoI gathers only
     the ``S*S*(2*ratio)^2`` pixels it needs from its own level and combines them with one batched
     matmul. Its gradient is exact (adjoint test). Measured on CPU with 1024 RoIs over 4 levels:
@@ -57,7 +58,8 @@ def map_roi_levels(boxes: Tensor, num_levels: int, finest_scale: float) -> Tenso
     scale = box_scale(boxes)
     level = ops.zeros(scale.shape, ms.int32)
     for k in range(1, num_levels):
-        boundary = finest_scale * (2.0 ** k) * (1.0 - LEVEL_EPS)
+        # log2(scale / f + eps) >= k  <=>  scale >= f * (2**k - eps)
+        boundary = finest_scale * (2.0 ** k - LEVEL_EPS)
         level = level + (scale >= boundary).astype(ms.int32)
     return level
 

@@ -78,6 +78,11 @@ def test_map_roi_levels_thresholds():
     boxes = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], 1)
     levels = map_roi_levels(Tensor(boxes), 4, 56.0).asnumpy()
     np.testing.assert_array_equal(levels, [0, 0, 1, 1, 2, 2, 3, 3])
+    # mmdetection's floor(log2(scale / 56 + 1e-6)) just below each boundary (float64)
+    sides = np.array([111.9999, 223.9998, 447.9996], np.float32)
+    boxes = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], 1)
+    expected = np.floor(np.log2(sides.astype(np.float64) / 56.0 + 1e-6)).astype(np.int32)
+    np.testing.assert_array_equal(map_roi_levels(Tensor(boxes), 4, 56.0).asnumpy(), expected)
 
 
 @pytest.mark.parametrize("impl", ["gather", "kernel", "native"])

@@ -21,7 +21,8 @@ bfloat16 mixed-precision training does (measured on convolutions: 2.4e-3 RMS rel
 instead of 3e-7). On a CPU with AVX512_BF16 the kernel then runs VDPBF16PS, 32 multiply-adds
 per instruction instead of 16: on the project machine (Zen 4, 2 cores, synchronous launch)
 170-350 vs 115-190 GFLOP/s on the detector's products. Elsewhere the same rounded operands
-are multiplied with float32 FMAs: identical numerics, no speed-up. The setting applies to the
+are multiplied with float32 FMAs, no speed-up: the same numerics but for the order of each
+pair's two products and subnormals, which VDPBF16PS flushes to zero and the FMAs keep. The setting applies to the
 kernel's products only (``impl="kernel"``); Winograd's batched products stay float32
 (winograd.py: its transforms amplify bfloat16 rounding tenfold, 2.5e-2 RMS measured).
 
