@@ -31,8 +31,9 @@ rest; ``winograd_bf16``: the same with
    about 8 ms per RoI fwd+bwd at 512² -- grow from step to step as the RPN learns. Either way
    the RoIs of each timed step are printed and in the JSON (``mask_head_rois_timed_<impl>``);
    compare steps at equal RoIs.
-   MindSpore's native CPU convolutions run at about 1 GFLOP/s, so a native step at 512² takes
-   about 20 minutes (1.4 TFLOP of convolutions). By default (``--native-step estimate``) it is therefore
+   MindSpore's native CPU convolutions run at about 1-2 GFLOP/s, so a native step at 512² takes
+   minutes (0.74 TFLOP of convolutions forward and backward at 48 mask RoIs per image; 1.4 at
+   the fixed 128). By default (``--native-step estimate``) it is therefore
    *estimated* as ``step_s_unfold - conv_s_unfold + conv_s_native`` (the non-convolution work is
    identical in both paths) and the JSON says ``"step_s_native_estimated": true``;
    ``--native-step measure`` times real native steps instead (use it at small ``--size``);
@@ -40,7 +41,8 @@ rest; ``winograd_bf16``: the same with
 2. **Convolution throughput** (``conv_gflops_<impl>``, fwd+bwd; ``conv_gflops_fwd_<impl>``,
    forward only). Definition: every convolution call of one ``forward_train`` is recorded with
    its real input shape (backbone, FPN, RPN head on each level, mask head incl. the 2x2
-   deconvolution and the 1x1 logits). Forward FLOPs of a call are
+   deconvolution; the mask logits of each RoI's class are a gather and a product in training,
+   not a convolution, and are not counted). Forward FLOPs of a call are
    ``2 * N * Ho * Wo * O * (C / groups) * kh * kw`` (deconvolution: ``2 * N * H * W * C * O * 4``);
    one fwd+bwd counts 3x the forward FLOPs (dX and dW each cost one forward). Each distinct
    (layer configuration, input shape) is timed alone -- forward, then forward+backward with

@@ -4,7 +4,7 @@ Trains Mask R-CNN R50-FPN from scratch through `run.py` itself (Hydra + the trai
 on the first IMAGES coco128seg images whose objects are all reasonably large (at most 3 objects,
 each at least MIN_AREA_FRACTION of the image), then evaluates on those same images. A correct
 detector memorises them; a broken assigner, box coder or mask target cannot reach the thresholds
-(bbox AP50 >= 0.5 and segm AP50 >= SEGM_AP50_MIN).
+(bbox AP50 >= BBOX_AP50_MIN and segm AP >= SEGM_AP_MIN, IoU 0.50:0.95).
 
     .venv/bin/python benchmarks/learning_check.py [--steps N] [extra Hydra overrides ...]
 
@@ -25,7 +25,10 @@ IMAGES = 4
 MAX_OBJECTS = 3
 MIN_AREA_FRACTION = 0.03
 BBOX_AP50_MIN = 0.5
-SEGM_AP50_MIN = 0.3
+# Masks shaped like their boxes score segm AP 0.15 here even with perfect boxes (GT boxes filled,
+# measured; their AP50 is 0.67, so an AP50 threshold let mask targets replaced by filled boxes
+# pass, at 0.33), while the correct detector reaches 0.77-0.85.
+SEGM_AP_MIN = 0.5
 
 
 def write_subset(folder: Path) -> list:
@@ -94,7 +97,7 @@ def main() -> int:
             "segm_AP50": metrics.get("segm/AP50"), "segm_AP": metrics.get("segm/AP"),
         }
         figures["ok"] = bool(run.info.status == "FINISHED" and figures["bbox_AP50"] is not None
-                             and figures["bbox_AP50"] >= BBOX_AP50_MIN and figures["segm_AP50"] >= SEGM_AP50_MIN)
+                             and figures["bbox_AP50"] >= BBOX_AP50_MIN and figures["segm_AP"] >= SEGM_AP_MIN)
         print(json.dumps(figures))
         return 0 if figures["ok"] else 1
 
