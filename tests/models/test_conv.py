@@ -308,6 +308,18 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
         native_kernels.kernel_library.cache_clear()
 
 
+@pytest.mark.parametrize("impl", ["unfold", "winograd"])
+@pytest.mark.parametrize("kernel_size, stride, padding", [(3, 1, 1), (1, 2, 0), (1, 1, 0)])
+def test_empty_batch_gives_an_empty_output_as_native(impl, kernel_size, stride, padding):
+    # No RoIs: the native convolution returns (0, O, Ho, Wo) and a zero weight gradient.
+    x = Tensor(np.zeros((0, 8, 14, 13), np.float32))
+    native = build_conv2d(8, 6, kernel_size, stride=stride, padding=padding, impl="native")
+    conv = build_conv2d(8, 6, kernel_size, stride=stride, padding=padding, impl=impl)
+    assert conv(x).shape == native(x).shape
+    weight_grad = ms.grad(lambda t: conv(t).sum(), None, [conv.weight])(x)[0]
+    assert weight_grad.shape == conv.weight.shape and not weight_grad.asnumpy().any()
+
+
 def test_interrupted_build_leaves_no_scratch_file(monkeypatch):
     real_run = native_kernels.subprocess.run
 

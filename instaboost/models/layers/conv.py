@@ -587,6 +587,10 @@ class UnfoldConv2d(nn.Cell):
 
     def convolve(self, x: Tensor) -> Tensor:
         """The convolution without bias."""
+        if x.shape[0] == 0:   # no images (or RoIs): an empty output, as nn.Conv2d gives
+            out_h, out_w = (conv_output_size(size, k, s, p) for size, k, s, p in
+                            zip(x.shape[2:], self.kernel_size, self.stride, self.padding))
+            return ops.zeros((0, self.out_channels, out_h, out_w), x.dtype)
         if self.pointwise:
             x = subsample(x, self.stride, use_kernel=self.matmul_impl == "kernel")
             if self.shared_weight and x.shape[2] * x.shape[3] >= MIN_SHARED_WEIGHT_PIXELS:
