@@ -18,7 +18,6 @@ evaluation alike.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 from pathlib import Path
@@ -264,13 +263,6 @@ class CocoSource:
         self.stats.add("annotations_skipped_small", small)
         self.stats.add("annotations_skipped_no_segmentation", no_segmentation)
         return usable
-
-    def counting_into(self, stats: DataStats) -> "CocoSource":
-        """This source with its counts going to `stats` instead (the json is shared, not read
-        again): for loads that are not training samples, such as the augmentation grid's."""
-        view = copy.copy(self)
-        view.stats = stats
-        return view
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -103,6 +103,16 @@ class DataStats:
             self._lock_fds[pid] = os.open(self._lock_path, os.O_RDWR)
         return self._lock_fds[pid]
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the counters' lock: no other process or worker updates them meanwhile."""
+        fd = self._lock()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
     @property
     def names(self) -> tuple[str, ...]:
         return self._names
@@ -121,12 +131,8 @@ class DataStats:
         if captured is not None:
             captured[position] += int(count)
             return
-        fd = self._lock()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
+        with self._exclusive():
             self._values()[position] += int(count)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[np.ndarray]:
@@ -143,12 +149,8 @@ class DataStats:
     def add_counts(self, counts: np.ndarray) -> None:
         """Add captured counts (`names` order; a batch of them is summed over its leading axes)."""
         counts = np.asarray(counts, dtype=np.int64).reshape(-1, len(self._names)).sum(axis=0)
-        fd = self._lock()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
+        with self._exclusive():
             self._values()[:] += counts
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def get(self, name: str) -> int:
         return int(self._values()[self._position(name)])
@@ -159,12 +161,8 @@ class DataStats:
         return {prefix + name: int(value) for name, value in zip(self._names, values)}
 
     def reset(self) -> None:
-        fd = self._lock()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
+        with self._exclusive():
             self._values()[:] = 0
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def __repr__(self) -> str:
         return f"DataStats({self.as_dict()})"

@@ -47,6 +47,11 @@ ACTIVE_SLOT_BUCKET = 8
 DEFAULT_TEST_NMS_PRE = 1000
 
 
+def _most_per_image(flags: Tensor) -> int:
+    """The largest count of True in a row of `flags` (B, S) bool, read back to the host."""
+    return int(flags.astype(ms.int32).sum(axis=1).max().asnumpy())
+
+
 def bucketed_slots(needed: int, slots: int) -> int:
     """Slots to compute when ``needed`` of ``slots`` hold real entries: ``needed`` rounded up to
     ACTIVE_SLOT_BUCKET (at least one bucket), at most ``slots``."""
@@ -128,8 +133,7 @@ class StandardRoIHeads(nn.Cell):
         slots = flags.shape[1]
         if not self.trim_empty_slots:
             return slots
-        count = int(flags.astype(ms.int32).sum(axis=1).max().asnumpy())
-        return bucketed_slots(count, slots)
+        return bucketed_slots(_most_per_image(flags), slots)
 
     def _candidate_count(self, cand_valid: Tensor) -> int:
         """(proposal, class) candidates to keep for the class-aware NMS, of `cand_valid` (B, C):
@@ -138,7 +142,7 @@ class StandardRoIHeads(nn.Cell):
         total = cand_valid.shape[1]
         if not self.trim_empty_slots:
             return min(self.test_nms_pre, total)
-        count = int(cand_valid.astype(ms.int32).sum(axis=1).max().asnumpy())
+        count = _most_per_image(cand_valid)
         return min(total, max(self.max_per_img, 1 << max(count - 1, 0).bit_length()))
 
     # ------------------------------------------------------------------ training

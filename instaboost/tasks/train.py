@@ -18,7 +18,6 @@ from instaboost.config.validate import ConfigError
 from instaboost.data.coco import CocoSource
 from instaboost.data.demo_data import ensure_demo_dataset
 from instaboost.data.pipeline import build_eval_dataset, build_train_dataset, trained_batch
-from instaboost.data.stats import DataStats
 from instaboost.data.transforms import build_instaboost_step
 from instaboost.engine.checkpoint import CheckpointManager
 from instaboost.engine.finite import build_finite_check
@@ -66,17 +65,15 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
                           f"({cfg.dataset.train_annotations}) cannot fill one batch of "
                           f"{cfg.schedule.batch_size}")
 
-    augmentation = OmegaConf.to_container(cfg.augmentation, resolve=True)
-    augment = build_instaboost_step(augmentation, stats=train_source.stats)
+    augment = build_instaboost_step(OmegaConf.to_container(cfg.augmentation, resolve=True),
+                                    stats=train_source.stats)
     label_names = {label: categories.name(label) for label in range(1, categories.num_classes + 1)}
     label_to_category = {label: categories.to_coco_id(label) for label in label_names}
-    # The grid's samples are not training samples: its loads and its InstaBoost step count into
-    # counters of their own.
-    grid_stats = DataStats()
-    grid_augment = build_instaboost_step(augmentation, stats=grid_stats)
-    tracker.log_image(sample_grid(train_source.counting_into(grid_stats), grid_augment, cfg.seed,
-                                  label_names),
-                      "augmentation/samples.png")
+    # The grid's samples are not training samples: what its loads and InstaBoost step count is
+    # captured and dropped, as a training sample's counts are until it is trained on.
+    with train_source.stats.capture():
+        grid = sample_grid(train_source, augment, cfg.seed, label_names)
+    tracker.log_image(grid, "augmentation/samples.png")
 
     network = build_detector(cfg.detector, cfg.backbone, num_classes=categories.num_classes,
                              conv_impl=cfg.hardware.conv_impl, seed=cfg.seed)

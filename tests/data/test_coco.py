@@ -8,7 +8,6 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from instaboost.data.coco import CocoCategories, CocoSource, masks_to_boxes, read_image_bgr
-from instaboost.data.stats import DataStats
 from tests.helpers import shared_data_dir
 
 
@@ -217,16 +216,16 @@ def test_source_errors(tmp_path):
         source.load(1)
 
 
-def test_counting_into_other_stats_leaves_the_sources_counters_alone(tmp_path):
+def test_captured_loads_leave_the_sources_counters_alone(tmp_path):
     # An annotation whose polygon lies outside the image decodes to an empty mask (counted).
     cv2.imwrite(str(tmp_path / "a.png"), np.full((32, 48, 3), 100, np.uint8))
     ann = {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[60, 40, 70, 40, 70, 50]],
            "bbox": [60, 40, 10, 10], "iscrowd": 0}
     images = [{"id": 1, "file_name": "a.png", "width": 48, "height": 32}]
     source = CocoSource(tmp_path, _write_coco(tmp_path, images, [ann]))
-    other = DataStats()
-    source.counting_into(other).load(0)
-    assert other.get("annotations_skipped_empty_mask") == 1
+    with source.stats.capture() as other:   # e.g. the augmentation grid's loads
+        source.load(0)
+    assert other[source.stats.names.index("annotations_skipped_empty_mask")] == 1
     assert source.stats.get("annotations_skipped_empty_mask") == 0
     source.load(0)
     assert source.stats.get("annotations_skipped_empty_mask") == 1

@@ -324,7 +324,8 @@ def test_interrupted_build_leaves_no_scratch_file(monkeypatch):
     real_run = native_kernels.subprocess.run
 
     def interrupted_compile(command, *args, **kwargs):
-        if "-o" in command:   # Ctrl-C while the compiler runs
+        if "-o" in command:   # Ctrl-C while the compiler writes its output
+            Path(command[command.index("-o") + 1]).write_bytes(b"\x7fELF partial")
             raise KeyboardInterrupt
         return real_run(command, *args, **kwargs)
 

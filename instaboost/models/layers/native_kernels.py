@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
@@ -108,27 +108,22 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
         return str(target)
     try:
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
     except OSError as error:
         raise KernelBuildError(f"cannot write the kernel build folder {BUILD_DIR}: {error}") from error
-    os.close(handle)
+    # A name of this build alone; the compiler creates it, so its mode follows the umask as any
+    # `g++ -o` output's does (other users can load it), and it takes the cached name atomically.
+    scratch = BUILD_DIR / f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex}.so"
     try:
-        command = [compiler, *flags, "-o", scratch, str(source)]
+        command = [compiler, *flags, "-o", str(scratch), str(source)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise KernelBuildError(f"building {source} failed ({' '.join(command)}):\n"
                                    f"{result.stderr.strip()}")
-        # mkstemp made the file 0600 and the linker kept that: as `g++ -o` would, let every
-        # user the umask allows load the library (a build made by root, run by another user).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(scratch, 0o755 & ~umask)
         with open(scratch, "rb") as built:   # on disk before it takes the cached name
             os.fsync(built.fileno())
         os.replace(scratch, target)
     finally:
-        if os.path.exists(scratch):   # failed or interrupted: no scratch file left behind
-            os.unlink(scratch)
+        scratch.unlink(missing_ok=True)   # failed or interrupted: no scratch file left behind
     return str(target)
 
 
