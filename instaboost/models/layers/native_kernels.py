@@ -6,12 +6,16 @@ compiler (its real path and ``--version``), the flags and the CPU stay the same:
 carries a hash of them all, because
 ``-march=native`` code built on one CPU may not run on another. The build writes to a temporary
 file and renames it, so concurrent first uses (a multirun, parallel tests) never load a
-half-written library.
+half-written library. Beside each library the build records its SHA-256
+(``<library>.sha256``); a library that no longer matches it (truncated by a full disk or an
+interrupted copy, overwritten) is rebuilt rather than loaded: the dynamic loader maps a truncated
+library and the process dies of SIGBUS at its first call, with no message.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -30,6 +34,8 @@ KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
 BUILD_DIR = KERNELS_DIR / "build"
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-Wall")
 COMPILER_QUERY_TIMEOUT_S = 30  # `g++ --version`, once per compiler and process
+
+log = logging.getLogger(__name__)
 
 
 def uses_cpu_kernels(conv_impl: str) -> bool:
@@ -84,6 +90,23 @@ def _compiler() -> str:
     return compiler
 
 
+def checksum_record(library: Path) -> Path:
+    """The file in which the build of ``library`` recorded its SHA-256."""
+    return library.with_suffix(".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _is_intact(library: Path) -> bool:
+    """Whether ``library`` is still what its build wrote (False without a record)."""
+    try:
+        return checksum_record(library).read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
     """Absolute path of the shared library built from ``kernels/cpu/<name>.cc``.
@@ -105,7 +128,11 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
         key.update(part)
     target = BUILD_DIR / f"{name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
-        return str(target)
+        if _is_intact(target):
+            return str(target)
+        log.warning("kernel library %s does not match the SHA-256 its build recorded in %s "
+                    "(damaged, or built before checksums were recorded): building it again",
+                    target, checksum_record(target))
     try:
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -113,6 +140,7 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
     # A name of this build alone; the compiler creates it, so its mode follows the umask as any
     # `g++ -o` output's does (other users can load it), and it takes the cached name atomically.
     scratch = BUILD_DIR / f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex}.so"
+    scratch_record = checksum_record(scratch)
     try:
         command = [compiler, *flags, "-o", str(scratch), str(source)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -121,9 +149,15 @@ def kernel_library(name: str, extra_flags: Tuple[str, ...] = ()) -> str:
                                    f"{result.stderr.strip()}")
         with open(scratch, "rb") as built:   # on disk before it takes the cached name
             os.fsync(built.fileno())
+        scratch_record.write_text(_sha256(scratch) + "\n")
+        # The record first: whoever finds the library finds its record. A concurrent build of
+        # the same inputs writes the same bytes (no debug information, no embedded paths).
+        os.replace(scratch_record, checksum_record(target))
         os.replace(scratch, target)
     finally:
-        scratch.unlink(missing_ok=True)   # failed or interrupted: no scratch file left behind
+        # failed or interrupted: no scratch file left behind
+        scratch.unlink(missing_ok=True)
+        scratch_record.unlink(missing_ok=True)
     return str(target)
 
 
