@@ -231,7 +231,7 @@ class ScheduleConfig:
     base_lr: float = 0.02
     base_batch_size: int = 16
     momentum: float = 0.9
-    weight_decay: float = 0.0001
+    weight_decay: float = 0.0001   # on every trained parameter, norms' gamma/beta too (mmdetection)
     warmup_steps: int = 500
     warmup_ratio: float = 0.001
     lr_steps: List[int] = field(default_factory=lambda: [8, 11])

@@ -10,7 +10,6 @@ from typing import Dict
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
 from omegaconf import DictConfig, OmegaConf
 
 from instaboost.builders import build_detector, uses_cpu_kernels
@@ -22,6 +21,7 @@ from instaboost.data.transforms import build_instaboost_step
 from instaboost.engine.checkpoint import CheckpointManager
 from instaboost.engine.finite import build_finite_check
 from instaboost.engine.lr_schedule import multistep_with_warmup, scaled_learning_rate
+from instaboost.engine.optimizer import build_sgd
 from instaboost.engine.train_step import build_loss_scaler, make_train_step
 from instaboost.engine.trainer import LoopSettings, Trainer
 from instaboost.evaluation.coco_eval import evaluate_coco, per_category_table
@@ -102,8 +102,8 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
     learning_rates = multistep_with_warmup(lr=lr, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                                            lr_steps=list(schedule.lr_steps), warmup_steps=schedule.warmup_steps,
                                            warmup_ratio=schedule.warmup_ratio)
-    optimizer = nn.Momentum(network.trainable_params(), learning_rate=ms.Tensor(learning_rates),
-                            momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    optimizer = build_sgd(network.trainable_params(), learning_rate=ms.Tensor(learning_rates),
+                          momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     step_fn = make_train_step(network.forward_train, optimizer, loss_names=network.loss_names,
                               scaler=build_loss_scaler(schedule.loss_scale_type, schedule.loss_scale),
                               clip_norm=schedule.grad_clip or None,
