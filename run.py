@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from instaboost.config import CONFIG_DIR  # registers the resolvers and schemas
-from instaboost.config.validate import ConfigError, validate
+from instaboost.config.validate import ConfigError, check_input_paths, validate
 from instaboost.tracking import mark_interrupted, start_run, tracking_uri
 
 OPTIMIZED_METRIC = "segm/AP"
@@ -53,6 +53,7 @@ def browse_command(uri: str) -> str:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     validate(cfg)
+    check_input_paths(cfg)
     # Imported here so `--help`, `--cfg` and config errors answer without loading MindSpore.
     from instaboost.tasks import TASKS
 

@@ -72,7 +72,7 @@ def main() -> int:
             "dataset.flip_ratio=0.0", "schedule=demo", "schedule.img_height=192", "schedule.img_width=192",
             "schedule.epochs=10000", f"schedule.max_steps={args.steps}", "schedule.base_lr=0.01",
             "schedule.base_batch_size=2", "schedule.batch_size=2", "schedule.warmup_steps=30", "schedule.grad_clip=10.0",
-            "schedule.lr_steps=[100000]", "schedule.eval_every=100000", "schedule.log_every_steps=10",
+            "schedule.lr_steps=[]", "schedule.eval_every=100000", "schedule.log_every_steps=10",
             "schedule.ckpt_every_steps=100000", "schedule.keep_best_checkpoints_max=0",
             f"paths.output_root={tmp / 'outputs'}", f"tracking.uri='{uri}'", *args.overrides,
         ]

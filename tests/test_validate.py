@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import DictConfig
 
-from instaboost.config.validate import ConfigError, validate
+from instaboost.config.validate import ConfigError, check_input_paths, validate
 from tests.conftest import compose_config
 
 
@@ -48,7 +48,9 @@ def test_defaults_are_valid(base_cfg: DictConfig) -> None:
         (["schedule.batch_size=0"], "schedule.batch_size"),
         (["schedule.epochs=0"], "schedule.epochs"),
         (["schedule.max_steps=0"], "schedule.max_steps"),
-        (["schedule.lr_steps=[11,8]"], "schedule.lr_steps"),
+        (["schedule.lr_steps=[3,2]"], "schedule.lr_steps"),
+        (["schedule=1x", "schedule.epochs=6"], "schedule.lr_steps"),   # [8, 11] never reached
+        (["schedule.lr_steps=[4]"], "schedule.lr_steps"),                # demo: 4 epochs, 0..3
         (["schedule.base_lr=0"], "schedule.base_lr"),
         (["schedule.momentum=1.0"], "schedule.momentum"),
         (["schedule.loss_scale_type=auto"], "schedule.loss_scale_type"),
@@ -80,6 +82,13 @@ def test_defaults_are_valid(base_cfg: DictConfig) -> None:
         (["detector.bbox_head.target_stds=[0.1,0.1,0.2]"], "detector.bbox_head.target_stds"),
         (["detector.test_cfg.rcnn.score_thr=2"], "detector.test_cfg.rcnn.score_thr"),
         (["detector.num_gts=0"], "detector.num_gts"),
+        (["detector.roi.sampling_ratio=0"], "detector.roi.sampling_ratio"),
+        (["detector.mask_head.mask_size=32"], "detector.mask_head.mask_size"),
+        # '+' appends a key even to a typed group: misspelt, it would change nothing
+        (["+schedule.epoch=3"], "schedule.epoch"),
+        (["+augmentation.aug_porb=0.5"], "augmentation.aug_porb"),
+        (["+detector.rpn.nms_thr=0.5"], "detector.rpn.nms_thr"),
+        (["+seeds=3"], "seeds"),
         (["dataset.flip_ratio=2"], "dataset.flip_ratio"),
         (["dataset.img_std=[1.0,0.0,1.0]"], "dataset.img_std"),
         (["dataset.max_images=0"], "dataset.max_images"),
@@ -127,3 +136,47 @@ def test_validate_does_not_modify_the_config(base_cfg: DictConfig) -> None:
     before = str(base_cfg)
     validate(base_cfg)
     assert str(base_cfg) == before
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "./outputs/mlruns", "/abs/mlruns", "file:///abs/mlruns"])
+def test_file_store_uri_is_refused_unless_mlflow_allows_it(uri, monkeypatch) -> None:
+    """MLflow 3 raises on its file store at the first run, after MindSpore has loaded."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    errors = _errors([f"tracking.uri='{uri}'"])
+    assert len(errors) == 1 and errors[0].startswith("tracking.uri: ") and "sqlite:" in errors[0]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    validate(compose_config([f"tracking.uri='{uri}'"]))
+
+
+def test_file_store_from_the_environment_is_refused(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlruns")
+    errors = _errors([])
+    assert len(errors) == 1 and errors[0].startswith("tracking.uri: null takes MLFLOW_TRACKING_URI")
+    for uri in ("sqlite:////tmp/m.db", "http://tracking.example:5000", "databricks"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        validate(compose_config([]))
+
+
+def test_missing_input_files_are_named_with_their_keys(tmp_path) -> None:
+    root = tmp_path / "set"
+    cfg = compose_config(["dataset=coco_folder", f"dataset.train_root={root}",
+                          f"backbone.pretrained={tmp_path / 'r50.ckpt'}"])
+    with pytest.raises(ConfigError) as info:
+        check_input_paths(cfg)
+    assert info.value.errors == [
+        f"dataset.train_images: folder {root / 'images'} does not exist",
+        f"dataset.val_images: folder {root / 'images'} does not exist",
+        f"dataset.train_annotations: file {root / 'annotations.json'} does not exist",
+        f"dataset.val_annotations: file {root / 'annotations.json'} does not exist",
+        f"backbone.pretrained: file {tmp_path / 'r50.ckpt'} does not exist"]
+    (root / "images").mkdir(parents=True)
+    (root / "annotations.json").write_text("{}")
+    (tmp_path / "r50.ckpt").write_bytes(b"")
+    check_input_paths(cfg)
+
+
+def test_the_demo_dataset_need_not_exist_yet(tmp_path) -> None:
+    """It is generated on first use."""
+    check_input_paths(compose_config([f"paths.output_root={tmp_path}"]))
+

@@ -6,11 +6,17 @@ one, ordered ranges, image sizes divisible by the padding divisor, known names.
 
 Every problem is reported as ``"<dotted.key>: <message>"``; :func:`validate` collects all of
 them and raises one :class:`ConfigError` whose message starts with the first offending key.
+:func:`check_input_paths` then checks that the files the config names exist (the dataset's, a
+pretrained backbone's), so that a typo fails before MindSpore loads or any data is read.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, List, Mapping, Sequence
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
@@ -34,6 +40,20 @@ RESNET_STAGES = 4  # backbone outputs C2..C5, one FPN input each
 FROZEN_STAGES_RANGE = (-1, 4)
 BOX_CODER_LEN = 4
 IMG_CHANNELS = 3
+# The RoIAlign takes sampling_ratio x sampling_ratio samples per bin (mmdetection's adaptive 0,
+# a count per RoI, is not supported).
+MIN_SAMPLING_RATIO = 1
+# The mask head's 2x2 stride-2 deconvolution doubles its RoI features' side.
+MASK_UPSAMPLE_FACTOR = 2
+# Tracking URIs of MLflow's file store (a path, or file:): MLflow 3 refuses to open one unless
+# this variable is "true".
+FILE_STORE_SCHEMES = ("", "file")
+# Store names MLflow reads as such, not as a path.
+NAMED_STORES = ("databricks", "databricks-uc", "uc")
+ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# The dataset that is generated on first use: its files need not exist yet.
+GENERATED_DATASET = "demo"
 
 
 class ConfigError(ValueError):
@@ -50,6 +70,12 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(
             *(f"{key}: mandatory value is missing; pass it as {key}=<value>" for key in missing)
+        )
+    undeclared = sorted(_undeclared_keys(cfg))
+    if undeclared:
+        raise ConfigError(
+            *(f"{key}: not a key of its schema (added with '+'? a misspelt key would change "
+              f"nothing); see `python run.py --cfg job` for the keys" for key in undeclared)
         )
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -85,6 +111,22 @@ def _missing_keys(node: Any, prefix: str = "") -> Iterator[str]:
             yield dotted
         elif not OmegaConf.is_interpolation(node, key):
             yield from _missing_keys(node._get_node(key), dotted)
+
+
+def _undeclared_keys(node: DictConfig, prefix: str = "") -> Iterator[str]:
+    """Dotted keys their node's schema does not declare. A typed node refuses an unknown key at
+    composition, but ``+group.key=value`` appends one anyway (Hydra opens the node for it)."""
+    schema = OmegaConf.get_type(node)
+    declared = ({field.name for field in dataclasses.fields(schema)}
+                if dataclasses.is_dataclass(schema) else None)
+    for key in node.keys():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if declared is not None and key not in declared:
+            yield dotted
+        elif not (OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key)):
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                yield from _undeclared_keys(child, dotted)
 
 
 class _Checker:
@@ -176,7 +218,13 @@ def _check_detector(c: _Checker) -> None:
         f"{d}.train_cfg.rcnn.mask_max_pos",
         f"{d}.test_cfg.rcnn.max_per_img",
     )
-    c.non_negative(f"{d}.roi.sampling_ratio")
+    c.require(f"{d}.roi.sampling_ratio", lambda v: v >= MIN_SAMPLING_RATIO,
+              f"must be >= {MIN_SAMPLING_RATIO}: RoIAlign samples per bin side (mmdetection's "
+              "adaptive 0 is not supported; its Mask R-CNN results use 2 here)")
+    feat_size = c.get(f"{d}.mask_head.roi_feat_size")
+    c.require(f"{d}.mask_head.mask_size", lambda v: v == MASK_UPSAMPLE_FACTOR * feat_size,
+              f"must be {MASK_UPSAMPLE_FACTOR} x detector.mask_head.roi_feat_size={feat_size} "
+              "(the mask head's deconvolution doubles its RoI features' side)")
     for key in ("rpn.anchor_scales", "rpn.anchor_ratios", "rpn.anchor_strides",
                 "roi.featmap_strides"):
         c.require(f"{d}.{key}", lambda v: len(v) > 0, "must not be empty")
@@ -323,6 +371,12 @@ def _check_schedule(c: _Checker) -> None:
                       f"must be divisible by schedule.pad_divisor={divisor}")
     c.all_positive(f"{s}.lr_steps")
     c.increasing(f"{s}.lr_steps")
+    epochs = c.get(f"{s}.epochs")
+    if epochs > 0:
+        c.require(f"{s}.lr_steps", lambda v: all(step < epochs for step in v),
+                  f"every entry must be < schedule.epochs={epochs}: the learning rate is divided "
+                  "by 10 when each listed epoch starts, and one at or past the last epoch never "
+                  "comes (shorten lr_steps with epochs, or set [])")
     c.one_of(f"{s}.loss_scale_type", LOSS_SCALE_TYPES)
 
 
@@ -366,6 +420,33 @@ def _check_tracking(c: _Checker) -> None:
     for key in ("uri", "run_name", "artifact_root"):
         c.require(f"tracking.{key}", lambda v: v is None or bool(str(v).strip()),
                   "must be null or a non-empty string")
+    uri = c.get("tracking.uri")
+    source = "" if uri else f"null takes {TRACKING_URI_ENV} from the environment: "
+    uri = uri or os.environ.get(TRACKING_URI_ENV)
+    if (uri and str(uri) not in NAMED_STORES and urlparse(str(uri)).scheme in FILE_STORE_SCHEMES
+            and os.environ.get(ALLOW_FILE_STORE_ENV, "").lower() != "true"):
+        c.fail("tracking.uri", f"{source}{uri!r} is MLflow's file store, which MLflow 3 does not "
+               f"open (set {ALLOW_FILE_STORE_ENV}=true to allow it); use "
+               "sqlite:////<absolute path>.db, a tracking server's http(s):// address, or null "
+               "for the SQLite store in paths.output_root")
 
 
-__all__ = ["ConfigError", "validate"]
+def check_input_paths(cfg: DictConfig) -> None:
+    """Raise ConfigError, naming each key and path, for the input files and folders of ``cfg``
+    (a validated config) that do not exist: the dataset's (except the generated demo set's) and
+    ``backbone.pretrained``."""
+    expected = []
+    if cfg.dataset.name != GENERATED_DATASET:
+        expected += [(f"dataset.{key}", Path(str(cfg.dataset[key])), Path.is_dir)
+                     for key in ("train_images", "val_images")]
+        expected += [(f"dataset.{key}", Path(str(cfg.dataset[key])), Path.is_file)
+                     for key in ("train_annotations", "val_annotations")]
+    if cfg.backbone.pretrained:
+        expected.append(("backbone.pretrained", Path(str(cfg.backbone.pretrained)), Path.is_file))
+    errors = [f"{key}: {'folder' if exists is Path.is_dir else 'file'} {path} does not exist"
+              for key, path, exists in expected if not exists(path.expanduser())]
+    if errors:
+        raise ConfigError(*errors)
+
+
+__all__ = ["ConfigError", "check_input_paths", "validate"]
