@@ -142,6 +142,19 @@ def test_config_error_stops_before_tracking(monkeypatch, tmp_path, mlflow_uri, p
     assert _runs(mlflow_uri) == {}
 
 
+def test_missing_dataset_stops_before_tracking(monkeypatch, tmp_path, mlflow_uri, probe_task,
+                                              capsys) -> None:
+    """A path typo is named with its key before MindSpore loads, and no run is recorded."""
+    with pytest.raises(SystemExit):
+        run_app(monkeypatch, run_module.main,
+                [f"task={probe_task}", "dataset=coco_folder",
+                 f"dataset.train_root={tmp_path / 'no_such_set'}",
+                 *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA])
+    assert (f"dataset.train_images: folder {tmp_path / 'no_such_set' / 'images'} does not exist"
+            in capsys.readouterr().err)
+    assert _runs(mlflow_uri) == {}
+
+
 def test_unknown_task_is_a_config_error(monkeypatch, tmp_path, mlflow_uri, probe_task,
                                         capsys) -> None:
     with pytest.raises(SystemExit):
