@@ -111,6 +111,17 @@ def test_the_kernel_refuses_tensors_of_other_shapes(activation, x_shape, residua
         norm(*inputs).asnumpy()
 
 
+@pytest.mark.parametrize("impl", ["mindspore", "kernel"])
+def test_one_value_per_channel_is_refused_in_training(impl):
+    """Its batch variance is 0/0: MindSpore's running variance became NaN, the kernel's 0.9 x."""
+    cell = build_norm("bn", 4, impl=impl)
+    cell.set_train(True)
+    with pytest.raises(ValueError, match=r"more than one value per channel.*\(1, 4, 1, 1\)"):
+        cell(Tensor(np.ones((1, 4, 1, 1), np.float32)))
+    cell.set_train(False)   # running statistics: any shape
+    assert cell(Tensor(np.ones((1, 4, 1, 1), np.float32))).shape == (1, 4, 1, 1)
+
+
 def test_bad_settings_name_the_option():
     with pytest.raises(ValueError, match="activation"):
         BatchNormAct2d(4, activation="gelu")

@@ -104,6 +104,17 @@ class _NoGradients(NamedTuple):
                    Tensor(np.zeros(settings.shape, np.float32)))
 
 
+def _check_values_per_channel(shape: Tuple[int, ...]) -> None:
+    """Batch statistics need two values per channel: from one, the output is beta whatever the
+    input, the unbiased variance is 0/0 (MindSpore's running variance becomes NaN, the
+    kernel's decays toward 0), and no gradient reaches the input. PyTorch refuses it too."""
+    n, _, h, w = shape
+    if n * h * w == 1:
+        raise ValueError(f"batch norm with batch statistics needs more than one value per "
+                         f"channel, got an input of shape {tuple(shape)} (one image whose "
+                         f"feature map is 1x1: use larger images or a larger batch)")
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` followed by ``activation``: "none", "relu", or "add_relu"
     (``relu(bn(x) + residual)``, called as ``cell(x, residual)``).
@@ -138,8 +149,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return bool(self.use_batch_statistics)
 
     def construct(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if self.function is not None and self._uses_batch_statistics():
-            return self._kernel_forward(x, residual)
+        if self._uses_batch_statistics():
+            _check_values_per_channel(x.shape)
+            if self.function is not None:
+                return self._kernel_forward(x, residual)
         y = super().construct(x)
         if self.activation == "add_relu":
             y = y + residual
