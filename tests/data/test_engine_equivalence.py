@@ -262,3 +262,23 @@ def test_heatmap_matches_reference_loop():
     assert all(c is not None and score[int(c[1]), int(c[0])] > 150 for c in centres)
     high = np.mean([score[int(c[1]), int(c[0])] > 200 for c in centres])
     assert high >= 0.5  # > 200 is used with probability 0.6, > 150 otherwise
+
+
+def test_engine_pastes_guided_groups_where_the_heatmap_scores_high():
+    """In the engine, a guided group's box centre goes to the guide's draw: a position the
+    reference's normalised score puts above 150."""
+    image, mask = heatmap_scene()
+    x, y, w, h = cv2.boundingRect(mask)
+    box = (x, y, x + w, y + h)
+    heat = HeatmapGuide(image, mask).heat(box, mask[y:y + h, x:x + w])
+    score = cv2.resize(ref_help.normalize(heat.copy()), image.shape[1::-1])
+    engine = ProjectInstaBoostEngine(**{**PARAMS, "action_candidate": ["normal"],
+                                        "action_prob": [1.0], "scale": [1, 1], "theta": [0, 0],
+                                        "color_prob": 0.0, "heatmap_flag": True})
+    centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, 1.0])
+    for seed in range(20):
+        (group,) = engine.apply(image, mask[None], np.array([1], np.int32),
+                                np.random.default_rng(seed)).groups
+        assert group.heatmap_guided
+        pasted_x, pasted_y = group.matrix @ centre
+        assert score[int(pasted_y), int(pasted_x)] > 150, (seed, pasted_x, pasted_y)

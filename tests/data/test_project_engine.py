@@ -259,6 +259,45 @@ def test_instances_pushed_out_are_dropped():
     assert dropped > 0
 
 
+def test_vacated_pixels_do_not_keep_the_object():
+    """Where a moved object was and nothing is pasted, the inpainted background shows: no pixel
+    keeps the object's colour (a duplicate 'ghost' of it)."""
+    engine = make_engine(action_candidate=["normal"], action_prob=[1.0], color_prob=0.0)
+    checked = 0
+    for seed in range(10):
+        image, masks, labels = make_scene(seed=seed)
+        result = engine.apply(image, masks, labels, np.random.default_rng(seed))
+        covered = result.masks.max(axis=0, initial=0) > 0
+        for mask in masks:
+            vacated = (mask > 0) & ~covered
+            if np.count_nonzero(vacated) >= 20:
+                colour = image[mask > 0][0].astype(int)
+                same = np.abs(result.image[vacated].astype(int) - colour).max(axis=1) <= 10
+                assert same.mean() < 0.05
+                checked += 1
+    assert checked >= 10
+
+
+def test_later_groups_are_pasted_on_top():
+    """Groups are pasted in the order of their lowest instance index: where two grown groups
+    overlap, the later one's pixels show."""
+    height, width = 64, 96
+    image = np.full((height, width, 3), 128, np.uint8)
+    masks = np.zeros((2, height, width), np.uint8)
+    masks[0, 20:44, 20:46] = 1   # boxes 2 px apart: scaled by 1.5 about their centres, they overlap
+    masks[1, 20:44, 48:74] = 1
+    image[masks[0] > 0] = (255, 0, 0)
+    image[masks[1] > 0] = (0, 0, 255)
+    engine = make_engine(action_candidate=["normal"], action_prob=[1.0], scale=[1.5, 1.5],
+                         dx=1e9, dy=1e9, theta=[0, 0], color_prob=0.0)
+    result = engine.apply(image, masks, np.array([1, 2], np.int32), np.random.default_rng(0))
+    overlap = (result.masks[0] > 0) & (result.masks[1] > 0)
+    # away from the pasted edges, where the bilinear alpha blends the colours
+    inside = cv2.erode(overlap.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    assert np.count_nonzero(inside) > 50
+    assert np.all(result.image[inside] == (0, 0, 255))
+
+
 def test_four_channel_alpha_kept_away_from_objects():
     image, masks, labels = make_scene(channels=4)
     out_image, _, _ = make_engine(color_prob=1.0)(image, masks, labels, np.random.default_rng(3))

@@ -208,6 +208,22 @@ def test_step_returns_early_without_instances():
     assert build_instaboost_step({**AUG_PARAMS, "aug_prob": 0.0}) is None
 
 
+def test_step_counts_every_instance_it_drops():
+    """Instances pushed out of the image (shifts of up to 4 box sizes) are counted, not lost."""
+    from tests.data.test_project_engine import make_engine, make_scene
+
+    stats = DataStats()
+    step = InstaBoostAug(make_engine(dx=0.25, dy=0.25, action_candidate=["normal"],
+                                     action_prob=[1.0]), 1.0, stats=stats)
+    dropped = 0
+    for seed in range(20):
+        image, masks, labels = make_scene(seed=seed, border_object=True)
+        sample = {"image_id": seed, "image": image, "masks": masks, "labels": labels,
+                  "boxes": masks_to_boxes(masks), "iscrowd": np.zeros(len(masks), bool)}
+        dropped += len(masks) - len(step(sample, np.random.default_rng(seed))["labels"])
+    assert dropped > 0 and step.counts["instaboost_dropped_instances"] == dropped
+
+
 def test_same_rng_same_output_and_eval_transform():
     source = _real_source("coco_val10")
     step = build_instaboost_step(AUG_PARAMS)

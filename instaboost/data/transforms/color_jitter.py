@@ -12,8 +12,10 @@ step blends the image with a "degenerate" image: ``out = degenerate + f * (image
               the one-pixel border kept, ``f`` on {0.0, ..., 3.0}.
 
 Here the same steps run with OpenCV directly on the BGR image (luma weights taken in B, G, R
-order), so no channel swap is needed.  OpenCV rounds where PIL truncates: results differ by at
-most one grey level per step.  For 1-channel images only Brightness applies (saturation of a
+order), so no channel swap is needed.  OpenCV rounds where PIL truncates, by at most one grey
+level per step, and the later steps amplify it by their factor: measured against PIL on a real
+image, up to 2 levels for saturation 3 alone and up to 18 at isolated pixels with all four steps
+at their extremes (3, 2, 2, 3), the means within 0.8 level.  For 1-channel images only Brightness applies (saturation of a
 grey image is meaningless); for 4-channel BGRA images the alpha channel is left untouched.
 """
 from __future__ import annotations
