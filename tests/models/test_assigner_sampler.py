@@ -77,6 +77,20 @@ def test_docstring_example_positive_ignore_negative_and_low_quality():
     np.testing.assert_array_equal(assign_one(strict, boxes, gt), [0, 0, 0])
 
 
+def test_thresholds_at_their_exact_values_as_mmdetection():
+    """IoU == pos_iou_thr is positive (>=), IoU == neg_iou_thr is not negative (<: ignored), and
+    a GT whose best IoU equals min_pos_iou still gets its low-quality match (>=). Boxes with
+    integer corners hit these values exactly."""
+    gt = [[0.0, 0, 10, 10]]
+    boxes = [[0, 0, 10, 5], [0, 0, 10, 3], [0, 0, 10, 2]]   # IoU 0.5, 0.3, 0.2
+    strict = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.3, min_pos_iou=0.3,
+                            match_low_quality=False)
+    np.testing.assert_array_equal(assign_one(strict, boxes, gt), [1, -1, 0])
+    low_quality = MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.2, min_pos_iou=0.3)
+    np.testing.assert_array_equal(assign_one(low_quality, [[0, 0, 10, 3], [20, 20, 30, 30]], gt),
+                                  [1, 0])
+
+
 def test_gt_candidates_are_their_own_gts_positives_even_when_duplicated():
     # add_gt_as_proposals: candidates [gt0, gt1, gt2 (crowd), proposal] with gt0 == gt1. By IoU
     # alone both duplicates go to gt1; each must be its own GT's positive (mmdetection's add_gt_).

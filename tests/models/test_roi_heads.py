@@ -12,7 +12,7 @@ from instaboost.models.bbox_head import Shared2FCBBoxHead
 from instaboost.models.box_coder import DeltaXYWHBoxCoder
 from instaboost.models.mask_head import FCNMaskHead, build_mask_targets
 from instaboost.models.roi_extractor import RoIExtractor, map_roi_levels
-from instaboost.models.roi_heads import StandardRoIHeads
+from instaboost.models.roi_heads import StandardRoIHeads, rois_from_boxes
 from instaboost.models.sampler import RandomSampler
 
 ms.set_device("CPU")
@@ -247,6 +247,9 @@ def test_bbox_head_losses():
     valid = Tensor(np.array([True, True, True, True, True, False]))
     positive = Tensor(np.array([True, True, False, False, True, False]))
     targets = head.select_class_deltas(deltas, labels)
+    # each RoI's own class (background rows: class 1, masked out of the loss)
+    rows = deltas.asnumpy()[np.arange(6), np.maximum(labels.asnumpy() - 1, 0)]
+    np.testing.assert_array_equal(targets.asnumpy(), rows)
     perfect = head.loss(cls_logits, deltas, labels, targets, valid, positive)
     assert float(perfect.loss_bbox.asnumpy()) < 1e-7
     shifted = head.loss(cls_logits, deltas, labels, targets + 1.0, valid, positive)
@@ -390,3 +393,139 @@ def test_forward_test_keeps_every_candidate_above_score_thr():
     valid = dets.valid.asnumpy()[0]
     labels = dets.labels.asnumpy()[0][valid]
     assert {c: int((labels == c).sum()) for c in (1, 2, 3)} == {1: 3, 2: 3, 3: 3}
+
+
+def test_rois_from_boxes_number_each_image():
+    boxes = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    rois = rois_from_boxes(Tensor(boxes)).asnumpy()
+    np.testing.assert_array_equal(rois[:, 0], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(rois[:, 1:], boxes.reshape(6, 4))
+
+
+# Two images with well separated GTs: every candidate overlaps at most one of them, so the GT a
+# positive must be matched to is the one it overlaps most. Masks (16 x 16, box-aligned) fill the
+# left fraction MASK_FILL[b][g] of their box: a different one per (image, slot).
+TARGET_GTS = np.array([[[8, 8, 28, 28], [36, 30, 60, 56], [0, 0, 0, 0]],
+                       [[4, 36, 30, 60], [34, 4, 60, 24], [0, 0, 0, 0]]], np.float32)
+TARGET_LABELS = np.array([[1, 3, 0], [2, 1, 0]], np.int32)
+MASK_FILL = [[0.25, 0.5], [0.625, 0.875]]
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of (N, 4) and (M, 4) boxes -> (N, M)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def _target_inputs():
+    rng = np.random.default_rng(7)
+    proposals = []
+    for b in range(2):
+        near = [gt + rng.integers(-2, 3, 4) for gt in TARGET_GTS[b, :2] for _ in range(3)]
+        far = [[0, 0, 6, 6], [58, 58, 64, 64], [30, 0, 34, 4], [0, 58, 4, 64]]
+        proposals.append(np.concatenate([near, far]).astype(np.float32))
+    proposals = np.stack(proposals)
+    masks = np.zeros((2, 3, 16, 16), np.uint8)
+    for b in range(2):
+        for g in range(2):
+            masks[b, g, :, :int(MASK_FILL[b][g] * 16)] = 1
+    meta = np.tile(np.array([[0, IMAGE, IMAGE, IMAGE, IMAGE]], np.float32), (2, 1))
+    valid = np.array([[True, True, False]] * 2)
+    return [Tensor(x) for x in (meta, proposals, np.ones(proposals.shape[:2], bool), TARGET_GTS,
+                                TARGET_LABELS, masks, valid, np.zeros((2, 3), bool))]
+
+
+def test_training_targets_follow_the_assigned_gt():
+    """What forward_train hands to the losses: negatives labelled background; each positive's
+    label, box target and mask target those of the GT it overlaps (its own image's); the mask
+    head asked for the positive's class."""
+    heads = make_roi_heads()
+    seen = {}
+    box_loss, mask_loss = heads.bbox_head.loss, heads.mask_head.loss
+
+    def record_box_loss(cls_logits, deltas, labels, targets, valid, positive):
+        seen.update(labels=labels.asnumpy(), targets=targets, valid=valid.asnumpy(),
+                    positive=positive.asnumpy())
+        return box_loss(cls_logits, deltas, labels, targets, valid, positive)
+
+    def record_mask_loss(logits, targets, valid):
+        seen.update(mask_targets=targets.asnumpy(), mask_valid=valid.asnumpy())
+        return mask_loss(logits, targets, valid)
+
+    heads.bbox_head.loss = record_box_loss
+    heads.mask_head.loss = record_mask_loss
+    heads.bbox_roi_extractor.register_forward_pre_hook(
+        lambda cell, inputs: seen.update(rois=inputs[1].asnumpy()))
+    heads.mask_roi_extractor.register_forward_pre_hook(
+        lambda cell, inputs: seen.update(mask_rois=inputs[1].asnumpy()))
+    heads.mask_head.register_forward_pre_hook(
+        lambda cell, inputs: seen.update(mask_labels=inputs[1].asnumpy()))
+    heads.forward_train(random_features(), *_target_inputs())
+
+    rois, labels, valid, positive = seen["rois"], seen["labels"], seen["valid"], seen["positive"]
+    assert np.all(labels[valid & ~positive] == 0)
+    decoded = heads.bbox_coder.decode(Tensor(rois[:, 1:]), seen["targets"]).asnumpy()
+    checked_positives = 0
+    for i in np.flatnonzero(positive):
+        b = int(rois[i, 0])
+        g = int(np.argmax(_box_iou(rois[i:i + 1, 1:], TARGET_GTS[b, :2])[0]))
+        np.testing.assert_allclose(decoded[i], TARGET_GTS[b, g], atol=1e-3)
+        assert labels[i] == TARGET_LABELS[b, g]
+        checked_positives += 1
+    assert checked_positives >= 8 and (rois[positive, 0] == 1).any()
+
+    mask_rois, mask_valid = seen["mask_rois"], seen["mask_valid"]
+    exact = 0
+    for j in np.flatnonzero(mask_valid):
+        b = int(mask_rois[j, 0])
+        overlaps = _box_iou(mask_rois[j:j + 1, 1:], TARGET_GTS[b, :2])[0]
+        g = int(np.argmax(overlaps))
+        assert seen["mask_labels"][j] == TARGET_LABELS[b, g]
+        if overlaps[g] > 0.999:   # the GT box itself: its target is the GT mask, resampled
+            np.testing.assert_allclose(seen["mask_targets"][j].mean(axis=1), MASK_FILL[b][g],
+                                       atol=1.5 / 28)
+            exact += 1
+    assert exact >= 2 and (mask_rois[mask_valid, 0] == 1).any()
+
+
+class _FixedBoxHead(nn.Cell):
+    """A box head that gives every RoI the same class logits and per-class deltas."""
+
+    def __init__(self, logits, deltas):
+        super().__init__()
+        self.num_classes = len(logits) - 1
+        self.logits = Tensor(np.asarray(logits, np.float32))
+        self.deltas = Tensor(np.asarray(deltas, np.float32))
+
+    def construct(self, roi_feats):
+        num = roi_feats.shape[0]
+        return (ops.broadcast_to(self.logits, (num, self.num_classes + 1)),
+                ops.broadcast_to(self.deltas, (num, self.num_classes, 4)))
+
+
+def test_each_detection_uses_its_class_box_and_mask():
+    """Class-specific regression: a detection of class c is decoded with c's deltas, and its mask
+    is the mask head's channel c."""
+    heads = make_roi_heads(max_per_img=10)
+    deltas = np.zeros((NUM_CLASSES, 4), np.float32)
+    deltas[2] = [1.0, 0.0, 0.0, 0.0]        # class 3: x shifted by 0.1 (std) x 20 px = 2 px
+    heads.bbox_head = _FixedBoxHead([0.0, 3.0, -5.0, 3.0], deltas)
+    features = random_features(batch=1)
+    meta = Tensor(np.array([[0, IMAGE, IMAGE, IMAGE, IMAGE]], np.float32))
+    dets = heads.forward_test(features, meta, Tensor(np.array([[[10, 10, 30, 30]]], np.float32)),
+                              Tensor(np.ones((1, 1), bool)))
+    valid = dets.valid.asnumpy()[0]
+    boxes = {int(label): box for label, box in zip(dets.labels.asnumpy()[0][valid],
+                                                     dets.boxes.asnumpy()[0][valid])}
+    assert set(boxes) == {1, 3}
+    np.testing.assert_allclose(boxes[1], [10, 10, 30, 30], atol=1e-4)
+    np.testing.assert_allclose(boxes[3], [12, 10, 32, 30], atol=1e-4)
+    det_boxes = dets.boxes.asnumpy()[0][valid]
+    rois = np.concatenate([np.zeros((len(det_boxes), 1), np.float32), det_boxes], axis=1)
+    all_classes = ops.sigmoid(heads.mask_head(heads.mask_roi_extractor(features, Tensor(rois))))
+    expected = all_classes.asnumpy()[np.arange(len(det_boxes)),
+                                     dets.labels.asnumpy()[0][valid] - 1]
+    np.testing.assert_allclose(dets.masks.asnumpy()[0][valid], expected, atol=1e-5)

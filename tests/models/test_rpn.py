@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
+import pytest
 from mindspore import Tensor, ops
 
 from instaboost.models.anchors import AnchorGenerator
@@ -19,6 +20,7 @@ CHANNELS = 8
 IMAGE = 64
 STRIDES = (4, 8, 16, 32, 64)
 LOGIT = 20.0  # |logit| giving sigmoid probabilities within 1e-8 of 0 / 1
+SAMPLED_PER_IMAGE = 32
 
 
 def make_rpn(nms_pre=50, max_per_img=40, min_bbox_size=0.0):
@@ -30,7 +32,7 @@ def make_rpn(nms_pre=50, max_per_img=40, min_bbox_size=0.0):
                    box_coder=DeltaXYWHBoxCoder(),
                    assigner=MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                                            ignore_iof_thr=0.5),
-                   sampler=RandomSampler(num=32, pos_fraction=0.5, seed=1),
+                   sampler=RandomSampler(num=SAMPLED_PER_IMAGE, pos_fraction=0.5, seed=1),
                    train_proposal=proposal, test_proposal=proposal)
 
 
@@ -105,7 +107,10 @@ def test_loss_is_near_zero_for_perfect_predictions_and_large_otherwise():
     flipped = rpn.loss([Tensor(-x) for x in split_logits],
                        [Tensor(x + 1.0) for x in split_deltas], anchors, meta, boxes, valid, crowd)
     assert float(flipped["loss_rpn_cls"].asnumpy()) > 1.0
-    assert float(flipped["loss_rpn_bbox"].asnumpy()) > 0.1
+    # L1 of 1 on 4 coordinates of each sampled positive, over all sampled anchors (avg_factor)
+    sampled_positives = np.minimum(positive.sum(axis=1), SAMPLED_PER_IMAGE // 2).sum()
+    np.testing.assert_allclose(float(flipped["loss_rpn_bbox"].asnumpy()),
+                               4.0 * sampled_positives / (2 * SAMPLED_PER_IMAGE), rtol=1e-5)
 
 
 def test_proposals_follow_scores_and_nms():
@@ -119,13 +124,15 @@ def test_proposals_follow_scores_and_nms():
     best, twin, other = 3 * (16 * 8 + 8) + 1, 3 * (16 * 8 + 9) + 1, 3 * (16 * 2 + 2) + 1
     assert np_pairwise_iou(a0[[best]], a0[[twin]])[0, 0] > 0.7
     logits[0][0, best], logits[0][0, twin], logits[0][0, other] = 5.0, 4.0, 3.0
+    deltas[0][0, other] = [0.25, 0.0, 0.0, 0.0]   # decoded with its own deltas: x + 0.25 width
     meta, _, _, _ = gts(batch=1)
     props, valid, scores = rpn.get_proposals([Tensor(x) for x in logits],
                                              [Tensor(x) for x in deltas], anchors, meta,
                                              training=False)
     props, valid, scores = props.asnumpy()[0], valid.asnumpy()[0], scores.asnumpy()[0]
     np.testing.assert_allclose(props[0], np.clip(a0[best], 0, IMAGE))
-    np.testing.assert_allclose(props[1], np.clip(a0[other], 0, IMAGE))
+    shifted = a0[other] + 0.25 * (a0[other][2] - a0[other][0]) * np.array([1, 0, 1, 0])
+    np.testing.assert_allclose(props[1], np.clip(shifted, 0, IMAGE), rtol=1e-6, atol=1e-4)
     assert not np.any(np.all(np.isclose(props[valid], np.clip(a0[twin], 0, IMAGE)), axis=1))
     assert np.all(np.diff(scores[valid]) <= 0)
 
@@ -161,17 +168,18 @@ def test_all_padding_batch_and_gradients():
     assert float(np.abs(grads[0].asnumpy()).sum()) > 0
 
 
-def test_anchors_in_batch_padding_are_ignored():
-    """The image fills only the top-left 40x40 of the 64x64 batch: anchors centred in the
-    padding get huge logits, which would dominate the loss if they were ever sampled."""
-    resized = 40
+@pytest.mark.parametrize("height, width", [(40, 40), (24, 64)])
+def test_anchors_in_batch_padding_are_ignored(height, width):
+    """The image fills only the top-left height x width of the 64x64 batch: anchors centred in
+    the padding get huge logits, which would dominate the loss if they were ever sampled."""
     rpn = make_rpn()
     feats = features(batch=1)
-    meta = Tensor(np.array([[0, resized, resized, resized, resized]], np.float32))
-    boxes = Tensor(np.array([[[4.0, 4, 30, 30]]], np.float32))
+    meta = Tensor(np.array([[0, height, width, height, width]], np.float32))
+    boxes = Tensor(np.array([[[4.0, 4, 30, 20]]], np.float32))
     flags = Tensor(np.array([[True]]))
     anchors = ops.concat(rpn.anchors(feats), axis=0).asnumpy()
-    outside = np.any(0.5 * (anchors[:, :2] + anchors[:, 2:]) >= resized, axis=1)
+    centres = 0.5 * (anchors[:, :2] + anchors[:, 2:])
+    outside = (centres[:, 0] >= width) | (centres[:, 1] >= height)
     assert outside.any()
     cls_logits, deltas = rpn(feats)
     logits = np.concatenate([x.asnumpy() for x in cls_logits], axis=1)
@@ -180,3 +188,55 @@ def test_anchors_in_batch_padding_are_ignored():
     losses = rpn.loss([Tensor(x) for x in np.split(logits, splits, axis=1)], deltas,
                       rpn.anchors(feats), meta, boxes, flags, Tensor(np.array([[False]])))
     assert float(losses["loss_rpn_cls"].asnumpy()) < 2.0
+
+
+def test_objectness_and_deltas_follow_the_anchor_order_on_non_square_maps():
+    """predict flattens each map (y, x, anchor) as AnchorGenerator orders the anchors: on the
+    maps of a 64 x 128 image (non-square) logit i is the head's output at anchor i's position."""
+    rpn = make_rpn()
+    rng = np.random.default_rng(4)
+    feats = [Tensor(rng.standard_normal((1, CHANNELS, IMAGE // s, 2 * IMAGE // s), np.float32))
+             for s in STRIDES]
+    cls_logits, deltas = rpn.predict(feats)
+    anchors = rpn.anchors(feats)
+    for feat, logits, level_deltas, level_anchors, stride in zip(feats, cls_logits, deltas,
+                                                                anchors, STRIDES):
+        hidden = rpn.relu(rpn.rpn_conv(feat))
+        dense = rpn.rpn_cls(hidden).asnumpy()[0]                        # (A, H, W)
+        dense_deltas = rpn.rpn_reg(hidden).asnumpy()[0]                 # (A * 4, H, W)
+        num_anchors, height, width = dense.shape
+        for i in rng.choice(logits.shape[1], min(20, logits.shape[1]), replace=False):
+            y, x, a = np.unravel_index(i, (height, width, num_anchors))
+            centre = 0.5 * (level_anchors.asnumpy()[i, :2] + level_anchors.asnumpy()[i, 2:])
+            np.testing.assert_allclose(centre, [x * stride, y * stride])
+            np.testing.assert_allclose(logits.asnumpy()[0, i], dense[a, y, x], rtol=1e-5,
+                                       atol=1e-6)
+            np.testing.assert_allclose(level_deltas.asnumpy()[0, i], dense_deltas[4 * a:4 * a + 4, y, x],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_each_level_keeps_its_nms_pre_best():
+    """P = sum over levels of min(nms_pre, anchors of the level), capped at max_per_img."""
+    rpn = make_rpn(nms_pre=5, max_per_img=1000)
+    proposals, valid, _ = rpn.forward_test(features(batch=1), gts(batch=1)[0])
+    sizes = [(IMAGE // s, IMAGE // s) for s in STRIDES]
+    assert proposals.shape[1] == rpn.num_proposals(sizes, training=False) == 5 * 4 + 3
+
+
+def test_a_proposal_clipped_to_zero_width_is_never_valid():
+    """With min_bbox_size 0 (the default) a box must still be wider and taller than 0
+    (mmdetection keeps w > min_bbox_size): an anchor pushed off the image clips to width 0."""
+    rpn = make_rpn(nms_pre=10, max_per_img=5)
+    feats = features(batch=1)
+    anchors = rpn.anchors(feats)
+    logits = [np.full((1, a.shape[0]), -LOGIT, np.float32) for a in anchors]
+    deltas = [np.zeros((1, a.shape[0], 4), np.float32) for a in anchors]
+    top = 3 * (16 * 8 + 8) + 1
+    logits[0][0, top] = 5.0
+    deltas[0][0, top] = [20.0, 0.0, 0.0, 0.0]    # 20 widths to the right: past the image
+    props, valid, _ = rpn.get_proposals([Tensor(x) for x in logits], [Tensor(x) for x in deltas],
+                                        anchors, gts(batch=1)[0], training=False)
+    props, valid = props.asnumpy()[0], valid.asnumpy()[0]
+    assert valid.any()
+    assert np.all(props[valid, 2] > props[valid, 0]) and np.all(props[valid, 3] > props[valid, 1])
+
