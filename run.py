@@ -50,6 +50,13 @@ def browse_command(uri: str) -> str:
     return f"{shlex.quote(_mlflow_command())} ui --backend-store-uri {shlex.quote(uri)}"
 
 
+def sweeper_value(metrics: dict) -> Optional[float]:
+    """What a Hydra sweeper optimises: the run's final segm/AP, or None where COCOeval scored
+    nothing (its -1: no ground truth) or the task reported none."""
+    value = metrics.get(OPTIMIZED_METRIC)
+    return value if value is not None and value >= 0 else None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     validate(cfg)
@@ -66,9 +73,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     finally:
         print(f"Outputs: {output_dir}")
         print(f"Browse runs: {browse_command(tracking_uri(cfg))}")
-    value = metrics.get(OPTIMIZED_METRIC)
-    # COCOeval's -1 means no ground truth was scored: nothing for a sweeper to optimise.
-    return value if value is not None and value >= 0 else None
+    return sweeper_value(metrics)
 
 
 def cli() -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,58 @@ def test_single_run(monkeypatch, tmp_path, mlflow_uri, probe_task, capsys) -> No
     hydra_files = MlflowClient(tracking_uri=mlflow_uri).list_artifacts(run.info.run_id, ".hydra")
     assert {Path(a.path).name for a in hydra_files} == {"config.yaml", "hydra.yaml",
                                                       "overrides.yaml"}
+
+
+def test_sweepers_get_the_segm_ap_or_none() -> None:
+    assert run_module.sweeper_value({"segm/AP": 0.31, "bbox/AP": 0.42}) == 0.31
+    assert run_module.sweeper_value({"segm/AP": -1.0, "bbox/AP": 0.42}) is None
+    assert run_module.sweeper_value({}) is None
+
+
+# run.py's command line with a task that waits to be stopped: its marker file says it started.
+_WAITING_TASK = """
+import sys
+import time
+import types
+from pathlib import Path
+
+MARKER = Path(sys.argv[1])
+
+def waiting(cfg, *, tracker, output_dir):
+    MARKER.write_text("started")
+    time.sleep(120)
+    return {}
+
+registry = types.ModuleType("instaboost.tasks")
+registry.TASKS = {"waiting": waiting}
+sys.modules["instaboost.tasks"] = registry
+import run
+sys.argv = ["run.py", *sys.argv[2:]]
+run.cli()
+"""
+
+
+def test_sigterm_ends_the_run_killed(tmp_path, mlflow_uri) -> None:
+    """Schedulers stop jobs with SIGTERM: the run must end KILLED, not stay RUNNING."""
+    marker = tmp_path / "started"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WAITING_TASK, str(marker), "task=waiting",
+         *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA],
+        cwd=PROJECT_ROOT, env=_subprocess_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), proc.communicate(timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "received signal 15" in stderr, stderr
+    (run,) = _runs(mlflow_uri).values()
+    assert run.info.status == "KILLED"
 
 
 def test_browse_command_per_store() -> None:

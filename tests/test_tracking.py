@@ -216,3 +216,59 @@ def test_git_state_unknown_without_git_or_repo(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(tracking, "PROJECT_ROOT", tmp_path)  # not a git work tree
     assert tracking.git_state() == ("unknown", "unknown")
     tracking.git_state.cache_clear()
+
+
+def test_run_name_setting_wins_over_the_overrides(cfg: DictConfig, tmp_path: Path,
+                                                  mlflow_uri: str) -> None:
+    cfg.tracking.run_name = "r50 baseline"
+    with start_run(cfg, tmp_path):
+        pass
+    _, run = _only_run(mlflow_uri)
+    assert run.info.run_name == "r50 baseline"
+
+
+def test_job_log_and_exact_override_string_are_recorded(cfg: DictConfig, tmp_path: Path,
+                                                        mlflow_uri: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a Hydra job: the overrides tag is the command line's, and the job's log file is
+    uploaded when the run ends (after everything the job logged)."""
+    job = tracking._JobInfo(overrides=["augmentation.aug_prob=0.5", "seed=3"],
+                            choices={"augmentation": "instaboost", "experiment": "null"},
+                            log_file="run.log")
+    monkeypatch.setattr(tracking, "_job_info", lambda: job)
+    with start_run(cfg, tmp_path):
+        (tmp_path / "run.log").write_text("epoch 1/1 step 2/2 loss 1.0\n")
+    client, run = _only_run(mlflow_uri)
+    assert run.data.tags["overrides"] == "augmentation.aug_prob=0.5 seed=3"
+    assert run.info.run_name == "augmentation.aug_prob=0.5,seed=3"
+    assert run.data.tags["choice.experiment"] == "null"
+    assert "run.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "loss 1.0" in _artifact_text(mlflow_uri, run.info.run_id, "run.log", tmp_path / "dl")
+
+
+def test_git_state_reads_the_commit_and_the_dirty_flag(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t",
+                               "-c", "user.email=t@example.com", *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a\n")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "first")
+    monkeypatch.setattr(tracking, "PROJECT_ROOT", tmp_path.resolve())
+    tracking.git_state.cache_clear()
+    try:
+        assert tracking.git_state() == (git("rev-parse", "HEAD"), "false")
+        (tmp_path / "new.txt").write_text("untracked\n")
+        tracking.git_state.cache_clear()
+        assert tracking.git_state() == (git("rev-parse", "HEAD"), "true")
+    finally:
+        tracking.git_state.cache_clear()

@@ -91,6 +91,14 @@ class CocoCategories:
         self.to_coco_id(label)  # validates the range
         return self.names[int(label) - 1]
 
+    def label_to_coco_id(self) -> dict[int, int]:
+        """Every label 1..K -> its COCO category id (what a COCO results file must carry)."""
+        return {label: coco_id for label, coco_id in enumerate(self.coco_ids, start=1)}
+
+    def label_names(self) -> dict[int, str]:
+        """Every label 1..K -> its class name."""
+        return {label: name for label, name in enumerate(self.names, start=1)}
+
     def __len__(self) -> int:
         return self.num_classes
 

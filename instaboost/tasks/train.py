@@ -67,8 +67,8 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
 
     augment = build_instaboost_step(OmegaConf.to_container(cfg.augmentation, resolve=True),
                                     stats=train_source.stats)
-    label_names = {label: categories.name(label) for label in range(1, categories.num_classes + 1)}
-    label_to_category = {label: categories.to_coco_id(label) for label in label_names}
+    label_names = categories.label_names()
+    label_to_category = categories.label_to_coco_id()
     # The grid's samples are not training samples: what its loads and InstaBoost step count is
     # captured and dropped, as a training sample's counts are until it is trained on.
     with train_source.stats.capture():

@@ -70,11 +70,20 @@ def test_max_images_takes_the_first_ids():
     assert len(source) == 5 and source.image_ids == sorted(source.coco.getImgIds())[:5]
 
 
+def test_labels_map_back_to_coco_2017_ids_with_their_gaps():
+    """COCO 2017's ids skip 12, 26, ...: label 12 is category 13, label 80 is 90."""
+    root = shared_data_dir("coco_val10")
+    mapping = CocoSource(root / "images", root / "annotations.json").categories.label_to_coco_id()
+    assert len(mapping) == 80 and mapping[11] == 11 and mapping[12] == 13 and mapping[80] == 90
+
+
 def test_categories_map_sorted_ids_to_contiguous_labels():
     cats = CocoCategories([{"id": 7, "name": "c"}, {"id": 2, "name": "a"}, {"id": 5, "name": "b"}])
     assert cats.num_classes == 3 and cats.names == ("a", "b", "c")
     assert [cats.to_label(i) for i in (2, 5, 7)] == [1, 2, 3]
     assert [cats.to_coco_id(label) for label in (1, 2, 3)] == [2, 5, 7]
+    assert cats.label_to_coco_id() == {1: 2, 2: 5, 3: 7}
+    assert cats.label_names() == {1: "a", 2: "b", 3: "c"}
     assert cats.name(3) == "c"
     with pytest.raises(KeyError, match="not among"):
         cats.to_label(3)

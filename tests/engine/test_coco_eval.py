@@ -1,13 +1,17 @@
 import contextlib
+import copy
 import io
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+from mindspore import Tensor
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from instaboost.evaluation.coco_eval import (STAT_NAMES, detections_to_coco, evaluate_coco, paste_mask,
                                              per_category_table)
+from instaboost.evaluation.inference import predict_coco
 from tests.helpers import shared_data_dir
 
 
@@ -133,6 +137,74 @@ def test_detections_map_back_to_original_pixels():
                                  np.ones((1, 2, 28, 28), np.float32), meta, {2: 18}, 0.5)
     assert len(results) == 1
     r = results[0]
-    assert r["image_id"] == 7 and r["category_id"] == 18
+    assert r["image_id"] == 7 and r["category_id"] == 18 and r["score"] == pytest.approx(0.9)
     assert r["bbox"] == pytest.approx([20, 20, 40, 20])
     assert mask_utils.area(r["segmentation"]) == 40 * 20
+
+
+# COCOeval.summarize's order of its 12 statistics (pycocotools), written out independently.
+COCO_SUMMARY_ORDER = ["AP", "AP50", "AP75", "APs", "APm", "APl",
+                      "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+def _gt_results(gt, image_ids, jitter=0.0, seed=0):
+    """The GT of `image_ids` as detections, boxes shifted by up to `jitter` of their size."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for ann in gt.loadAnns(gt.getAnnIds(imgIds=list(image_ids), iscrowd=False)):
+        x, y, w, h = ann["bbox"]
+        dx, dy = rng.uniform(-jitter, jitter, 2) * (w, h)
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                        "bbox": [x + dx, y + dy, w, h], "score": float(rng.uniform(0.1, 1.0)),
+                        "segmentation": _rle(gt.annToMask(ann))})
+    return results
+
+
+def test_metrics_carry_cocoeval_statistics_under_their_own_names():
+    gt = _load_gt(shared_data_dir("coco_val10") / "annotations.json")
+    results = _gt_results(gt, gt.getImgIds(), jitter=0.3)
+    metrics, _, _ = evaluate_coco(gt, results, gt.getImgIds())
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    expected = dict(zip(COCO_SUMMARY_ORDER, evaluator.stats))
+    assert len({round(v, 6) for v in expected.values()}) >= 8   # the statistics differ here
+    for name, value in expected.items():
+        assert metrics[f"bbox/{name}"] == pytest.approx(value), name
+
+
+def test_only_the_evaluated_images_count():
+    """dataset.max_images=5: the GT of the other images is no miss."""
+    gt = _load_gt(shared_data_dir("coco_val10") / "annotations.json")
+    first = sorted(gt.getImgIds())[:5]
+    metrics, _, _ = evaluate_coco(gt, _gt_results(gt, first), first)
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
+
+
+def test_per_category_table_puts_each_type_in_its_column():
+    table = per_category_table({"bbox": [(1, "person", 0.25)], "segm": [(1, "person", 0.75)]})
+    assert "| 1 | person | 0.2500 | 0.7500 |" in table
+
+
+class _StubDetector:
+    """forward_test of a batch of 2: one detection per image, its score 0.3 + image index."""
+
+    def forward_test(self, image, img_meta):
+        batch = image.shape[0]
+        boxes = np.tile(np.array([[[10, 10, 30, 20]]], np.float32), (batch, 1, 1))
+        scores = (0.3 + np.arange(batch, dtype=np.float32)).reshape(batch, 1) / 2
+        return (Tensor(boxes), Tensor(scores), Tensor(np.full((batch, 1), 2, np.int32)),
+                Tensor(np.ones((batch, 1), bool)), Tensor(np.ones((batch, 1, 28, 28), np.float32)))
+
+
+def test_predict_coco_keeps_every_image_of_a_batch():
+    meta = np.array([[7, 100, 200, 50, 100], [9, 50, 100, 50, 100]], np.float32)
+    batches = [(Tensor(np.zeros((2, 3, 64, 64), np.float32)), Tensor(meta))]
+    results, image_ids = predict_coco(_StubDetector(), batches, label_to_category={2: 18},
+                                      mask_threshold=0.5)
+    assert image_ids == [7, 9]
+    assert [(r["image_id"], r["category_id"]) for r in results] == [(7, 18), (9, 18)]
+    assert [r["score"] for r in results] == pytest.approx([0.15, 0.65])
+

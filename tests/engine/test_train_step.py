@@ -149,3 +149,36 @@ def test_best_checkpoint_of_the_last_step_links_instead_of_rewriting(tmp_path):
     best = manager.save_best(net, opt, 96, 0.17)
     assert best.stat().st_ino == latest.stat().st_ino
     assert manager.kept() == [best], "the same step is logged once"
+
+
+def test_gradient_clipping_bounds_the_update():
+    """schedule.grad_clip: the global gradient norm is scaled down to clip_norm before SGD."""
+    lr, clip_norm = 0.5, 0.01
+    ms.set_seed(0)
+    net = nn.Dense(3, 2)
+    opt = nn.SGD(net.trainable_params(), learning_rate=lr)
+    before = [p.asnumpy().copy() for p in net.trainable_params()]
+
+    def forward(x, y):
+        return {"l2": ((net(x) - y) ** 2).mean()}
+
+    step = make_train_step(forward, opt, loss_names=["l2"], scaler=build_loss_scaler("none", 1.0),
+                           clip_norm=clip_norm)
+    assert bool(step(*_regression_problem())[2])
+    change = np.sqrt(sum(((p.asnumpy() - b) ** 2).sum()
+                         for p, b in zip(net.trainable_params(), before)))
+    np.testing.assert_allclose(change, lr * clip_norm, rtol=1e-4)   # the raw gradient is larger
+
+
+def test_dynamic_scale_shrinks_after_an_overflow():
+    net = nn.Dense(3, 2)
+    opt = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
+    poison = ms.Parameter(ms.Tensor(np.inf, ms.float32), requires_grad=False)
+
+    def forward(x, y):
+        return {"l2": ((net(x) - y) ** 2).mean() * poison}
+
+    scaler = build_loss_scaler("dynamic", 1024.0)
+    step = make_train_step(forward, opt, loss_names=["l2"], scaler=scaler)
+    assert not bool(step(*_regression_problem())[2])
+    assert float(scaler.scale_value.asnumpy()) < 1024.0

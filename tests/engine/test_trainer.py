@@ -78,3 +78,48 @@ def test_skipped_steps_are_counted(tmp_path):
                                    eval_every=1, ap_values=[0.0], skip_steps=(2, 3))
     assert len(calls) == 4
     assert tracker.values["train/skipped_steps"] == [2.0] and tracker.steps["train/skipped_steps"] == [4]
+
+
+def test_logged_values_are_means_of_their_window_and_checkpoints_periodic(tmp_path, monkeypatch):
+    """log_every_steps=2 over 5 steps: train/* at steps 2, 4 and 5 (the last, partial window),
+    each the mean of its own steps; img/s and data time from the clock (fake here: 0.5 s to
+    load a batch, 2 s to train on it); checkpoints every 2 steps, the latest 2 kept, plus the
+    final step's."""
+    from instaboost.engine import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    network = nn.Dense(2, 2)
+    optimizer = nn.Momentum(network.trainable_params(), learning_rate=0.1, momentum=0.9)
+    tracker = _RecordingTracker()
+    checkpoints = CheckpointManager(tmp_path, keep_latest=2, keep_best=1)
+    losses = [1.0, 2.0, 3.0, 4.0, 5.0]
+    calls = []
+
+    def batches(epoch):
+        for index in range(5):
+            clock[0] += 0.5
+            yield epoch, index
+
+    def train_step(epoch, index):
+        clock[0] += 2.0
+        loss = losses[len(calls)]
+        calls.append(index)
+        return loss, (loss / 4, 3 * loss / 4), True
+
+    Trainer(network=network, optimizer=optimizer, train_step=train_step, loss_names=["a", "b"],
+            epoch_batches=batches, evaluate=lambda: {"segm/AP": 0.4, "bbox/AP": 0.3},
+            checkpoints=checkpoints, tracker=tracker,
+            settings=LoopSettings(epochs=1, steps_per_epoch=5, total_steps=5, batch_size=2,
+                                  log_every_steps=2, ckpt_every_steps=2, eval_every_epochs=1),
+            learning_rates=np.full(5, 0.01, np.float32)).fit()
+    assert tracker.steps["train/loss"] == [2, 4, 5]
+    np.testing.assert_allclose(tracker.values["train/loss"], [1.5, 3.5, 5.0])
+    np.testing.assert_allclose(tracker.values["train/a"], [1.5 / 4, 3.5 / 4, 5.0 / 4])
+    np.testing.assert_allclose(tracker.values["train/data_time"], [0.5] * 3)
+    np.testing.assert_allclose(tracker.values["train/img_per_s"], [2 / 2.5] * 3)
+    assert sorted(p.name for p in tmp_path.glob("step_*.ckpt")) == ["step_00000004.ckpt",
+                                                                     "step_00000005.ckpt"]
+    # what is uploaded: the best, and the latest that are not the best's step
+    assert [p.name for p in checkpoints.kept()] == ["best_segm_AP_0.4000_step_00000005.ckpt",
+                                                    "step_00000004.ckpt"]
