@@ -15,8 +15,9 @@ Here the same steps run with OpenCV directly on the BGR image (luma weights take
 order), so no channel swap is needed.  OpenCV rounds where PIL truncates, by at most one grey
 level per step, and the later steps amplify it by their factor: measured against PIL on a real
 image, up to 2 levels for saturation 3 alone and up to 18 at isolated pixels with all four steps
-at their extremes (3, 2, 2, 3), the means within 0.8 level.  For 1-channel images only Brightness applies (saturation of a
-grey image is meaningless); for 4-channel BGRA images the alpha channel is left untouched.
+at their extremes (3, 2, 2, 3), the means within 0.8 level.  For 1-channel images only
+Brightness applies (saturation of a grey image is meaningless); for 4-channel BGRA images the
+alpha channel is left untouched.
 """
 from __future__ import annotations
 
