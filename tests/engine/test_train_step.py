@@ -115,6 +115,7 @@ def test_checkpoint_manager_keeps_latest_and_best_and_restores_optimizer(tmp_pat
     net = nn.Dense(3, 2)
     opt = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
     manager = CheckpointManager(tmp_path, keep_latest=2, keep_best=2)
+    assert manager.save_best(net, opt, 0, -1.0) is None, "COCOeval's -1 ranks nothing, even first"
     for step in range(4):
         manager.save_latest(net, opt, step)
     assert [p.name for p in manager.latest] == ["step_00000002.ckpt", "step_00000003.ckpt"]
