@@ -187,16 +187,19 @@ def test_image_ids_the_metadata_cannot_carry_are_refused_when_the_json_is_read(t
 
 @pytest.mark.parametrize("stored, channels", [
     (np.full((8, 10), 77, np.uint8), 1),
-    (np.dstack([np.full((8, 10), 77, np.uint8)] * 3 + [np.zeros((8, 10), np.uint8)]), 4),
+    (np.dstack([np.full((8, 10), v, np.uint8) for v in (10, 20, 30, 0)]), 4),       # BGRA
     (np.dstack([np.full((8, 10), v, np.uint8) for v in (10, 20, 30)]), 3),
 ])
 def test_read_image_converts_to_bgr(tmp_path, stored, channels):
     path = tmp_path / "img.png"
-    cv2.imwrite(str(path), stored)
+    assert cv2.imwrite(str(path), stored)
     image, orig_channels = read_image_bgr(path)
     assert orig_channels == channels and image.shape == (8, 10, 3) and image.dtype == np.uint8
-    expected = stored if stored.ndim == 2 else stored[:, :, :3]
-    np.testing.assert_array_equal(image[:, :, 0], expected if stored.ndim == 2 else expected[:, :, 0])
+    if stored.ndim == 2:                    # gray: three equal channels
+        expected = np.dstack([stored] * 3)
+    else:                                   # B, G, R kept in their order, alpha dropped
+        expected = stored[:, :, :3]
+    np.testing.assert_array_equal(image, expected)
 
 
 def test_read_image_errors_name_the_file(tmp_path):

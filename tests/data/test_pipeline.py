@@ -121,6 +121,13 @@ def test_epoch_sampler_counts_passes_and_shards():
     assert list(EpochSampler(4, seed=0, shuffle=False)) == [0, 1, 2, 3]
 
 
+def test_epoch_sampler_shuffles_each_epoch_anew():
+    sampler = EpochSampler(50, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert sorted(i % 50 for i in first) == sorted(i % 50 for i in second) == list(range(50))
+    assert [i % 50 for i in first] != [i % 50 for i in second]
+
+
 def test_eval_dataset_in_order_and_padded(demo_source):
     source = CocoSource(demo_source[2], demo_source[3])
     for workers, pad in ((0, False), (2, True)):

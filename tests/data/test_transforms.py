@@ -33,6 +33,7 @@ def test_keep_ratio_size_fits_and_keeps_aspect():
     assert keep_ratio_size(480, 640, 128, 192) == (128, 171)
     assert keep_ratio_size(640, 480, 128, 192) == (128, 96)
     assert keep_ratio_size(100, 1000, 128, 192) == (19, 192)
+    assert keep_ratio_size(103, 1000, 128, 192) == (20, 192)   # 19.776 rounds up
 
 
 def test_pad_divisor_is_checked():
@@ -61,6 +62,10 @@ def test_box_aligned_masks():
     assert out[0].all() and out[2].all()
     assert out[1][7, 0] == 1 and out[1][0, 7] == 0
     np.testing.assert_array_equal(box_aligned_masks(masks, boxes, 8, hflip=True), out[:, :, ::-1])
+    # a pixel of the M x M mask whose area is exactly half covered is set ("reaches one half")
+    stripes = np.zeros((1, 4, 4), np.uint8)
+    stripes[0, :, ::2] = 1
+    assert box_aligned_masks(stripes, np.array([[0, 0, 4, 4]], np.float32), 2).sum() == 4
 
 
 def test_select_largest_prefers_targets_then_area():
@@ -238,6 +243,21 @@ def test_same_rng_same_output_and_eval_transform():
     out = EvalTransform(img_height=128, img_width=192, pad_divisor=64, img_mean=MEAN, img_std=STD)(sample)
     assert out["image"].shape == (3, 128, 192) and out["img_meta"].dtype == np.float32
     np.testing.assert_array_equal(out["img_meta"][:3], [sample["image_id"], *sample["image"].shape[:2]])
+
+
+def test_eval_images_are_train_images_without_augmentation_and_meta_is_h_then_w():
+    """The evaluation sees what training sees (same resize, RGB order, normalisation); its
+    img_meta carries [image_id, orig_h, orig_w, resized_h, resized_w] for mapping results back."""
+    sample = _real_source("coco_val10").load(3)
+    height, width = sample["image"].shape[:2]
+    assert height != width
+    evaluated = EvalTransform(img_height=128, img_width=192, pad_divisor=64, img_mean=MEAN,
+                              img_std=STD)(sample)
+    trained = _transform(flip_ratio=0.0)(sample, np.random.default_rng(0))
+    np.testing.assert_allclose(evaluated["image"], trained["image"], atol=1e-6)
+    np.testing.assert_array_equal(evaluated["img_meta"][:5],
+                                  [sample["image_id"], height, width,
+                                   *keep_ratio_size(height, width, 128, 192)])
 
 
 def test_project_engine_through_the_registry_on_real_images():
