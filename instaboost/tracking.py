@@ -53,7 +53,7 @@ from mlflow.utils.validation import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from instaboost.config import PROJECT_ROOT
+from instaboost.config import PROJECT_ROOT, requested_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ _OPEN_PARENTS: Dict[str, str] = {}
 
 def tracking_uri(cfg: DictConfig) -> str:
     """Resolved store URI: ``tracking.uri``, env MLFLOW_TRACKING_URI, else SQLite in output_root."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = requested_tracking_uri(cfg.tracking.uri)
     if uri:
-        return str(uri)
+        return uri
     return f"sqlite:///{_output_root(cfg) / DB_FILE_NAME}"
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers."""
 import contextlib
 import traceback
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,25 @@ def traceable_call_stack():
         yield
     finally:
         jit_trace._get_caller_lines = original
+
+
+class RecordingTracker:
+    """Stands in for instaboost.tracking.Tracker: records metrics (by name: the steps and the
+    values logged) and artifacts ((file name, artifact folder)); images are dropped."""
+
+    def __init__(self):
+        self.steps = defaultdict(list)
+        self.values = defaultdict(list)
+        self.artifacts = []
+
+    def log_metrics(self, metrics, step):
+        for key, value in metrics.items():
+            self.steps[key].append(step)
+            self.values[key].append(value)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((Path(path).name, artifact_path))
+
+    def log_image(self, image, artifact_file):
+        pass
+

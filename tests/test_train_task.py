@@ -11,22 +11,9 @@ import pytest
 from omegaconf import DictConfig
 
 from instaboost.engine.lr_schedule import multistep_with_warmup
+from tests.helpers import RecordingTracker
 
 STEPS_PER_EPOCH = 2   # the smoke dataset's 4 training images, batch 2
-
-
-class _RecordingTracker:
-    def __init__(self):
-        self.artifacts = []
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append((Path(path).name, artifact_path))
-
-    def log_metrics(self, metrics, step):
-        pass
-
-    def log_image(self, image, artifact_file):
-        pass
 
 
 def test_the_schedule_reaches_the_loop_optimizer_step_and_checkpoints(
@@ -63,10 +50,13 @@ def test_the_schedule_reaches_the_loop_optimizer_step_and_checkpoints(
         seen["clip_norm"] = kwargs.get("clip_norm")
         return real_make_train_step(*args, **kwargs)
 
+    # MindSpore takes its device only before its first kernel, which other tests of this process
+    # may have run already: the selection is recorded here (run.py's subprocess tests select it).
+    monkeypatch.setattr(train_module, "select_device", lambda target: seen.update(device=target))
     monkeypatch.setattr(train_module, "CheckpointManager", StandInCheckpoints)
     monkeypatch.setattr(train_module, "Trainer", StandInTrainer)
     monkeypatch.setattr(train_module, "make_train_step", recording_make_train_step)
-    tracker = _RecordingTracker()
+    tracker = RecordingTracker()
     (tmp_path / "job").mkdir()
     assert train_module.train(cfg, tracker=tracker, output_dir=tmp_path / "job") == {"segm/AP": 0.1}
 
@@ -79,7 +69,7 @@ def test_the_schedule_reaches_the_loop_optimizer_step_and_checkpoints(
                                      lr_steps=[1, 2], warmup_steps=2, warmup_ratio=0.1)
     np.testing.assert_allclose(seen["trainer"]["learning_rates"], expected, rtol=1e-6)
     assert len(set(np.round(expected, 8))) >= 3
-    assert seen["clip_norm"] == 7.0
+    assert seen["clip_norm"] == 7.0 and seen["device"] == "CPU"
     assert seen["checkpoints"] == (3, 2)
     assert [(name, folder) for name, folder in tracker.artifacts if folder == "checkpoints"] == [
         (path.name, "checkpoints") for path in kept]

@@ -23,6 +23,16 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "conf"
 # 4 random bytes = 8 hex characters; with the pid a collision needs the same pid and draw.
 _TOKEN_BYTES = 4
+# The dataset option that is generated on first use (its files need not exist before the run).
+GENERATED_DATASET = "demo"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def requested_tracking_uri(setting) -> str | None:
+    """The store a run was asked for: ``tracking.uri``, else env MLFLOW_TRACKING_URI; None when
+    neither is set (the tracker then uses its default SQLite store)."""
+    uri = setting or os.environ.get(TRACKING_URI_ENV)
+    return str(uri) if uri else None
 
 
 def project_root() -> str:
@@ -47,4 +57,5 @@ def register_resolvers() -> None:
 register_resolvers()
 register_schemas()
 
-__all__ = ["CONFIG_DIR", "PROJECT_ROOT", "project_root", "register_resolvers", "unique_token"]
+__all__ = ["CONFIG_DIR", "GENERATED_DATASET", "PROJECT_ROOT", "TRACKING_URI_ENV", "project_root",
+           "register_resolvers", "requested_tracking_uri", "unique_token"]

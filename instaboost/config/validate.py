@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from instaboost.config import GENERATED_DATASET, TRACKING_URI_ENV, requested_tracking_uri
+
 # Tolerance of sum(action_prob) == 1 (instaboostfast asserts exact equality; floats from a
 # command line such as 0.7,0.2,0.1 sum to 1 only within rounding).
 ACTION_PROB_TOLERANCE = 1e-6
@@ -51,9 +53,6 @@ FILE_STORE_SCHEMES = ("", "file")
 # Store names MLflow reads as such, not as a path.
 NAMED_STORES = ("databricks", "databricks-uc", "uc")
 ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-# The dataset that is generated on first use: its files need not exist yet.
-GENERATED_DATASET = "demo"
 
 
 class ConfigError(ValueError):
@@ -420,9 +419,8 @@ def _check_tracking(c: _Checker) -> None:
     for key in ("uri", "run_name", "artifact_root"):
         c.require(f"tracking.{key}", lambda v: v is None or bool(str(v).strip()),
                   "must be null or a non-empty string")
-    uri = c.get("tracking.uri")
-    source = "" if uri else f"null takes {TRACKING_URI_ENV} from the environment: "
-    uri = uri or os.environ.get(TRACKING_URI_ENV)
+    source = "" if c.get("tracking.uri") else f"null takes {TRACKING_URI_ENV} from the environment: "
+    uri = requested_tracking_uri(c.get("tracking.uri"))
     if (uri and str(uri) not in NAMED_STORES and urlparse(str(uri)).scheme in FILE_STORE_SCHEMES
             and os.environ.get(ALLOW_FILE_STORE_ENV, "").lower() != "true"):
         c.fail("tracking.uri", f"{source}{uri!r} is MLflow's file store, which MLflow 3 does not "

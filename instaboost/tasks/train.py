@@ -13,6 +13,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from instaboost.builders import build_detector, uses_cpu_kernels
+from instaboost.config import GENERATED_DATASET
 from instaboost.config.validate import ConfigError
 from instaboost.data.coco import CocoSource
 from instaboost.data.demo_data import ensure_demo_dataset
@@ -149,7 +150,7 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
 def build_sources(cfg: DictConfig):
     """Training and validation sources; the demo dataset is generated on first use."""
     data = cfg.dataset
-    if data.name == "demo":
+    if data.name == GENERATED_DATASET:
         ensure_demo_dataset(Path(data.root), num_train=data.num_train, num_val=data.num_val,
                             image_size=data.image_size, seed=data.demo_seed)
     train_source = CocoSource(Path(data.train_images), Path(data.train_annotations), max_images=data.max_images)

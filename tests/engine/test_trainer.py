@@ -2,7 +2,6 @@
 the one after the last step, the step cap, the final checkpoint, the steps metrics are logged at."""
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -10,24 +9,14 @@ from mindspore import nn
 
 from instaboost.engine.checkpoint import CheckpointManager
 from instaboost.engine.trainer import LoopSettings, Trainer
-
-
-class _RecordingTracker:
-    def __init__(self):
-        self.steps = defaultdict(list)     # metric -> steps it was logged at
-        self.values = defaultdict(list)
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.steps[key].append(step)
-            self.values[key].append(value)
+from tests.helpers import RecordingTracker
 
 
 def _fit(tmp_path: Path, *, epochs: int, steps_per_epoch: int, total_steps: int, eval_every: int,
          ap_values, skip_steps=()):
     network = nn.Dense(2, 2)
     optimizer = nn.Momentum(network.trainable_params(), learning_rate=0.1, momentum=0.9)
-    tracker = _RecordingTracker()
+    tracker = RecordingTracker()
     checkpoints = CheckpointManager(tmp_path, keep_latest=1, keep_best=1)
     aps = iter(ap_values)
     calls = []
@@ -91,7 +80,7 @@ def test_logged_values_are_means_of_their_window_and_checkpoints_periodic(tmp_pa
     monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
     network = nn.Dense(2, 2)
     optimizer = nn.Momentum(network.trainable_params(), learning_rate=0.1, momentum=0.9)
-    tracker = _RecordingTracker()
+    tracker = RecordingTracker()
     checkpoints = CheckpointManager(tmp_path, keep_latest=2, keep_best=1)
     losses = [1.0, 2.0, 3.0, 4.0, 5.0]
     calls = []
