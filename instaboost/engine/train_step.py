@@ -28,13 +28,56 @@ class UnitLossScaler(amp.LossScaler):
         return False  # as a static scaler: the scale never changes
 
 
+_MAP = ops.HyperMap()
+
+
+def _times(factor: Tensor, tensor: Tensor) -> Tensor:
+    return tensor * factor.astype(tensor.dtype)
+
+
+@ms.jit(backend="ms_backend")
+def _multiply(factor: Tensor, inputs):
+    return _MAP(ops.partial(_times, factor), inputs)
+
+
+@ms.jit(backend="ms_backend")
+def _divide(divisor: Tensor, inputs):
+    return _MAP(ops.partial(_times, ops.reciprocal(divisor)), inputs)
+
+
+class _ScaleByValue:
+    """Scale and unscale by the current value of `self.scale_value`, passed as a plain Tensor.
+
+    MindSpore 2.10's amp scalers pass their `scale_value` Parameter itself to a jit-compiled map,
+    and the compiled graph is cached by the Parameter's identity: a scaler made after an earlier
+    one was garbage-collected can get its address and then unscales by the earlier scaler's
+    value (measured: 255 of 300 scalers made one after another in a loop). The jobs of a Hydra
+    sweep run in one process, one scaler each. `inputs` (a Tensor or a tuple of them) is
+    `mutable` so the graph takes them as inputs rather than compiling them in as constants.
+    """
+
+    def scale(self, inputs):
+        return _multiply(self.scale_value.value(), ms.mutable(inputs))
+
+    def unscale(self, inputs):
+        return _divide(self.scale_value.value(), ms.mutable(inputs))
+
+
+class StaticLossScaler(_ScaleByValue, amp.StaticLossScaler):
+    """`amp.StaticLossScaler` whose value is never taken from another scaler (`_ScaleByValue`)."""
+
+
+class DynamicLossScaler(_ScaleByValue, amp.DynamicLossScaler):
+    """`amp.DynamicLossScaler` whose value is never taken from another scaler (`_ScaleByValue`)."""
+
+
 def build_loss_scaler(kind: str, scale: float) -> amp.LossScaler:
-    """mindspore.amp scaler for `schedule.loss_scale_type`; 'none', and a static scale of 1 (the
-    default), are `UnitLossScaler`."""
+    """Loss scaler for `schedule.loss_scale_type`; 'none', and a static scale of 1 (the default),
+    are `UnitLossScaler`."""
     if kind == "static":
-        return UnitLossScaler() if scale == 1.0 else amp.StaticLossScaler(scale)
+        return UnitLossScaler() if scale == 1.0 else StaticLossScaler(scale)
     if kind == "dynamic":
-        return amp.DynamicLossScaler(scale, DYNAMIC_SCALE_FACTOR, DYNAMIC_SCALE_WINDOW)
+        return DynamicLossScaler(scale, DYNAMIC_SCALE_FACTOR, DYNAMIC_SCALE_WINDOW)
     if kind == "none":
         return UnitLossScaler()
     raise ValueError(f"schedule.loss_scale_type: unknown loss scaler {kind!r}, expected one of {LOSS_SCALERS}")

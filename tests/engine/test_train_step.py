@@ -1,3 +1,5 @@
+import gc
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -104,6 +106,22 @@ def test_unit_scale_skips_unscaling_without_changing_the_update():
 
     np.testing.assert_allclose(trained_weight(build_loss_scaler("static", 1.0)),
                                trained_weight(build_loss_scaler("static", 2.0)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_a_new_scaler_never_uses_an_earlier_scalers_value(kind):
+    """MindSpore 2.10's own scalers, made one after another, could unscale by the value of an
+    earlier, garbage-collected one (a sweep's jobs run in one process, a scaler each)."""
+    grads = (ms.Tensor(np.ones((2, 3), np.float32)), ms.Tensor(np.ones(2, np.float16)))
+    for i in range(40):
+        value = float(2 ** (1 + i % 5))
+        scaler = build_loss_scaler(kind, value)
+        unscaled = scaler.unscale(grads)
+        assert [u.dtype for u in unscaled] == [ms.float32, ms.float16]
+        assert [float(u.asnumpy().flat[0]) for u in unscaled] == [1 / value] * 2, f"scaler {i}"
+        assert float(scaler.scale(ms.Tensor(3.0, ms.float32))) == 3 * value
+        del scaler, unscaled
+        gc.collect()
 
 
 def test_unknown_scaler_names_the_key():
