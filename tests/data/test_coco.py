@@ -1,5 +1,7 @@
 """CocoSource / CocoCategories on the real sets and on small hand-written files."""
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -200,6 +202,30 @@ def test_read_image_converts_to_bgr(tmp_path, stored, channels):
     else:                                   # B, G, R kept in their order, alpha dropped
         expected = stored[:, :, :3]
     np.testing.assert_array_equal(image, expected)
+
+
+def _write_gray_alpha_png(path: Path, gray: np.ndarray, alpha: np.ndarray) -> None:
+    """An 8-bit gray+alpha PNG (colour type 4), written by hand: OpenCV writes none."""
+    height, width = gray.shape
+    pixels = np.dstack([gray, alpha])
+    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 4, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_read_gray_alpha_png_gives_the_gray_in_three_channels(tmp_path):
+    gray = np.arange(80, dtype=np.uint8).reshape(8, 10)
+    path = tmp_path / "gray_alpha.png"
+    _write_gray_alpha_png(path, gray, np.full((8, 10), 200, np.uint8))
+    image, orig_channels = read_image_bgr(path)
+    assert orig_channels == 4, "OpenCV decodes gray+alpha PNG as BGRA"
+    np.testing.assert_array_equal(image, np.dstack([gray] * 3))
 
 
 def test_read_image_errors_name_the_file(tmp_path):
