@@ -32,24 +32,34 @@ def _store_args(tmp_path: Path, uri: str) -> list[str]:
     return [f"paths.output_root={tmp_path / 'outputs'}", f"tracking.uri='{uri}'"]
 
 
-def _runs(uri: str) -> dict[str, object]:
-    """Runs of experiment "instaboost" by run name."""
+def _all_runs(uri: str) -> list:
+    """Runs of experiment "instaboost"."""
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("instaboost")
     if experiment is None:
-        return {}
-    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        return []
+    return client.search_runs([experiment.experiment_id])
+
+
+def _runs(uri: str) -> dict[str, object]:
+    """Runs of experiment "instaboost" by run name (names must be distinct: none hides another)."""
+    runs = _all_runs(uri)
+    names = [r.info.run_name for r in runs]
+    assert len(set(names)) == len(names), names
+    return dict(zip(names, runs))
 
 
 def _parent_and_children(uri: str):
-    runs = list(_runs(uri).values())
+    """(parent run, its child runs in job order); the children name it as their parent."""
+    runs = _all_runs(uri)
     parents = [r for r in runs if "sweep_dir" in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
-    children = {r.info.run_name: r for r in runs if r is not parent}
-    for child in children.values():
+    children = [r for r in runs if r is not parent]
+    for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    return parent, children
+    # A job's output folder is <sweep_dir>/<job number>.
+    return parent, sorted(children, key=lambda run: int(Path(run.data.tags["output_dir"]).name))
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -150,17 +160,15 @@ def test_multirun_parent_with_two_children(monkeypatch, tmp_path, mlflow_uri, pr
              *_store_args(tmp_path, mlflow_uri), *QUIET_HYDRA])
     parent, children = _parent_and_children(mlflow_uri)
     assert parent.info.status == "FINISHED"
-    assert sorted(children) == ["task=tracker_probe,augmentation.aug_prob=0.0",
-                                "task=tracker_probe,augmentation.aug_prob=0.5"]
-    assert {c.info.status for c in children.values()} == {"FINISHED"}
+    assert [c.info.run_name for c in children] == ["task=tracker_probe,augmentation.aug_prob=0.0",
+                                                   "task=tracker_probe,augmentation.aug_prob=0.5"]
+    assert {c.info.status for c in children} == {"FINISHED"}
     sweep_dir = Path(parent.data.tags["sweep_dir"])
     assert sweep_dir.parent.parent == tmp_path / "outputs" / "multirun"
     assert "augmentation.aug_prob=0.0,0.5" in parent.data.tags["sweep_overrides"]
     assert parent.data.tags["job.0.status"] == parent.data.tags["job.1.status"] == "COMPLETED"
-    assert sorted(Path(c.data.tags["output_dir"]) for c in children.values()) == [
-        sweep_dir / "0", sweep_dir / "1"]
-    assert [c.data.params["augmentation.aug_prob"] for _, c in sorted(children.items())] == [
-        "0.0", "0.5"]
+    assert [Path(c.data.tags["output_dir"]) for c in children] == [sweep_dir / "0", sweep_dir / "1"]
+    assert [c.data.params["augmentation.aug_prob"] for c in children] == ["0.0", "0.5"]
     parent_artifacts = MlflowClient(tracking_uri=mlflow_uri).list_artifacts(parent.info.run_id)
     assert [a.path for a in parent_artifacts] == ["multirun.yaml"]
     assert PARENT_RUN_ENV not in os.environ
@@ -177,9 +185,9 @@ def test_failing_job_fails_parent_and_sweep_continues(monkeypatch, tmp_path, mlf
     assert info.value.code == 1
     assert "probe task forced to fail" in capsys.readouterr().err
     parent, children = _parent_and_children(mlflow_uri)
-    statuses = {name.split("=")[-1]: c.info.status for name, c in children.items()}
-    assert statuses == {"0.5": "FINISHED", "1.0": "FAILED", "0.0": "FINISHED"}
-    failed = children["task=tracker_probe,augmentation.aug_prob=1.0"]
+    assert [(c.info.run_name.split("=")[-1], c.info.status) for c in children] == [
+        ("0.5", "FINISHED"), ("1.0", "FAILED"), ("0.0", "FINISHED")]
+    failed = children[1]
     assert failed.data.tags["error"] == "RuntimeError: probe task forced to fail"
     assert parent.info.status == "FAILED"
     assert parent.data.tags["job.1.status"] == "FAILED"
@@ -312,9 +320,13 @@ def test_a_batch_larger_than_the_dataset_names_the_key(tmp_path, mlflow_uri) -> 
 
 @pytest.mark.slow
 def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
-    """Two smoke trainings with the real ``train`` task: one parent, two FINISHED children."""
+    """Three smoke trainings with the real ``train`` task: one parent, three FINISHED children;
+    the third job, configured as the first, trains exactly as it did (the jobs share a process:
+    nothing of one job may leak into the next). Under a dynamic loss scale, so that each job
+    makes its own scaler (MindSpore's own could unscale by an earlier one's value)."""
     proc = subprocess.run(
-        [sys.executable, "run.py", "-m", *SMOKE_OVERRIDES, "augmentation.aug_prob=0.0,1.0",
+        [sys.executable, "run.py", "-m", *SMOKE_OVERRIDES, "schedule.loss_scale_type=dynamic",
+         "schedule.loss_scale=1024", "augmentation.aug_prob=0.0,1.0,0.0",
          *_store_args(tmp_path, mlflow_uri)],
         cwd=PROJECT_ROOT, env=_subprocess_env(), capture_output=True, text=True,
         timeout=TRAIN_TIMEOUT_S,
@@ -323,8 +335,8 @@ def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
     assert f"mlflow ui --backend-store-uri {mlflow_uri}" in proc.stdout
     parent, children = _parent_and_children(mlflow_uri)
     assert parent.info.status == "FINISHED"
-    assert len(children) == 2
-    for child in children.values():
+    assert len(children) == 3
+    for child in children:
         assert child.info.status == "FINISHED"
         assert "segm/AP" in child.data.metrics and "bbox/AP" in child.data.metrics
         # The data counters: evaluation counted (into the validation source's counters); the
@@ -335,22 +347,27 @@ def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
         assert counts["data/samples"] == 2
         augmented = counts["data/instaboost_applied"] + counts["data/instaboost_no_instances"]
         assert augmented == (2 if child.data.params["augmentation.aug_prob"] == "1.0" else 0)
-    assert {c.data.params["augmentation.aug_prob"] for c in children.values()} == {"0.0", "1.0"}
+    assert [c.data.params["augmentation.aug_prob"] for c in children] == ["0.0", "1.0", "0.0"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    first, _, third = children
+    for name in ("train/loss", "segm/AP", "bbox/AP"):
+        histories = [[m.value for m in client.get_metric_history(run.info.run_id, name)]
+                     for run in (first, third)]
+        assert histories[0] and histories[0] == pytest.approx(histories[1], rel=1e-6), name
 
     # Read back as a user would, through mlflow.search_runs: every metric and artifact of a run.
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_uri)
     table = mlflow.search_runs(experiment_names=["instaboost"], filter_string="tags.choice.schedule = 'smoke'")
-    assert len(table) == 2 and set(table["status"]) == {"FINISHED"}
+    assert len(table) == 3 and set(table["status"]) == {"FINISHED"}
     for iou_type in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"):
             assert f"metrics.{iou_type}/{name}" in table.columns
     for name in ("train/loss", "train/loss_rpn_cls", "train/loss_mask", "train/lr", "train/img_per_s",
                  "train/data_time"):
         assert f"metrics.{name}" in table.columns
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    for child in children.values():
+    for child in children:
         run_id = child.info.run_id
         artifacts = {a.path for folder in ("checkpoints", "evaluation", "augmentation")
                      for a in client.list_artifacts(run_id, folder)}
