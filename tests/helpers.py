@@ -58,4 +58,3 @@ class RecordingTracker:
 
     def log_image(self, image, artifact_file):
         pass
-

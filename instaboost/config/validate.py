@@ -433,16 +433,17 @@ def check_input_paths(cfg: DictConfig) -> None:
     """Raise ConfigError, naming each key and path, for the input files and folders of ``cfg``
     (a validated config) that do not exist: the dataset's (except the generated demo set's) and
     ``backbone.pretrained``."""
-    expected = []
+    expected = []   # (key, value, "folder" or "file")
     if cfg.dataset.name != GENERATED_DATASET:
-        expected += [(f"dataset.{key}", Path(str(cfg.dataset[key])), Path.is_dir)
+        expected += [(f"dataset.{key}", cfg.dataset[key], "folder")
                      for key in ("train_images", "val_images")]
-        expected += [(f"dataset.{key}", Path(str(cfg.dataset[key])), Path.is_file)
+        expected += [(f"dataset.{key}", cfg.dataset[key], "file")
                      for key in ("train_annotations", "val_annotations")]
     if cfg.backbone.pretrained:
-        expected.append(("backbone.pretrained", Path(str(cfg.backbone.pretrained)), Path.is_file))
-    errors = [f"{key}: {'folder' if exists is Path.is_dir else 'file'} {path} does not exist"
-              for key, path, exists in expected if not exists(path.expanduser())]
+        expected.append(("backbone.pretrained", cfg.backbone.pretrained, "file"))
+    exists = {"folder": Path.is_dir, "file": Path.is_file}
+    errors = [f"{key}: {kind} {value} does not exist" for key, value, kind in expected
+              if not exists[kind](Path(str(value)).expanduser())]
     if errors:
         raise ConfigError(*errors)
 

@@ -40,11 +40,6 @@ def _multiply(factor: Tensor, inputs):
     return _MAP(ops.partial(_times, factor), inputs)
 
 
-@ms.jit(backend="ms_backend")
-def _divide(divisor: Tensor, inputs):
-    return _MAP(ops.partial(_times, ops.reciprocal(divisor)), inputs)
-
-
 class _ScaleByValue:
     """Scale and unscale by the current value of `self.scale_value`, passed as a plain Tensor.
 
@@ -60,7 +55,7 @@ class _ScaleByValue:
         return _multiply(self.scale_value.value(), ms.mutable(inputs))
 
     def unscale(self, inputs):
-        return _divide(self.scale_value.value(), ms.mutable(inputs))
+        return _multiply(ops.reciprocal(self.scale_value.value()), ms.mutable(inputs))
 
 
 class StaticLossScaler(_ScaleByValue, amp.StaticLossScaler):
