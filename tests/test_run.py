@@ -321,7 +321,7 @@ def test_a_batch_larger_than_the_dataset_names_the_key(tmp_path, mlflow_uri) -> 
 @pytest.mark.slow
 def test_real_train_sweep(tmp_path, mlflow_uri) -> None:
     """Three smoke trainings with the real ``train`` task: one parent, three FINISHED children;
-    the third job, configured as the first, trains exactly as it did (the jobs share a process:
+    the third job, configured as the first, trains as it did, to 1e-6 (the jobs share a process:
     nothing of one job may leak into the next). Under a dynamic loss scale, so that each job
     makes its own scaler (MindSpore's own could unscale by an earlier one's value)."""
     proc = subprocess.run(

@@ -419,8 +419,9 @@ def _check_tracking(c: _Checker) -> None:
     for key in ("uri", "run_name", "artifact_root"):
         c.require(f"tracking.{key}", lambda v: v is None or bool(str(v).strip()),
                   "must be null or a non-empty string")
-    source = "" if c.get("tracking.uri") else f"null takes {TRACKING_URI_ENV} from the environment: "
-    uri = requested_tracking_uri(c.get("tracking.uri"))
+    setting = c.get("tracking.uri")
+    source = "" if setting else f"null takes {TRACKING_URI_ENV} from the environment: "
+    uri = requested_tracking_uri(setting)
     if (uri and str(uri) not in NAMED_STORES and urlparse(str(uri)).scheme in FILE_STORE_SCHEMES
             and os.environ.get(ALLOW_FILE_STORE_ENV, "").lower() != "true"):
         c.fail("tracking.uri", f"{source}{uri!r} is MLflow's file store, which MLflow 3 does not "
