@@ -82,17 +82,17 @@ class FCNMaskHead(nn.Cell):
         channels = in_channels
         for _ in range(num_convs):
             conv = build_conv2d(channels, conv_out_channels, 3, padding=1, has_bias=True,
-                                impl=conv_impl)
+                                impl=conv_impl, activation="relu")
             he_normal_(conv, conv_out_channels, 3)
             convs.append(conv)
             channels = conv_out_channels
         self.convs = nn.CellList(convs)
-        self.upsample = build_deconv2x2(channels, conv_out_channels, impl=conv_impl)
+        self.upsample = build_deconv2x2(channels, conv_out_channels, impl=conv_impl,
+                                        activation="relu")
         he_normal_(self.upsample, conv_out_channels, UPSAMPLE_FACTOR)
         self.conv_logits = build_conv2d(conv_out_channels, self.num_classes, 1, has_bias=True,
                                         impl=conv_impl)
         he_normal_(self.conv_logits, self.num_classes, 1)
-        self.relu = nn.ReLU()
 
     def construct(self, roi_feats: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """roi_feats (N, C, S, S) -> mask_logits (N, K, T, T) of every class; with ``labels``
@@ -100,9 +100,9 @@ class FCNMaskHead(nn.Cell):
         (see the module docstring). Label 0 (padding) gives class 1's logits; callers mask
         those rows out."""
         x = roi_feats
-        for conv in self.convs:
-            x = self.relu(conv(x))
-        features = self.relu(self.upsample(x))                                 # (N, C', T, T)
+        for conv in self.convs:           # each applies its ReLU (built with activation="relu")
+            x = conv(x)
+        features = self.upsample(x)                            # (N, C', T, T), after its ReLU
         if labels is None:
             return self.conv_logits(features)
         num, channels, height, width = features.shape

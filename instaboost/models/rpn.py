@@ -96,13 +96,12 @@ class RPNHead(nn.Cell):
         num_anchors = anchor_generator.num_base_anchors
         self.num_anchors = num_anchors
         self.rpn_conv = build_conv2d(in_channels, feat_channels, 3, padding=1, has_bias=True,
-                                     impl=conv_impl)
+                                     impl=conv_impl, activation="relu")
         self.rpn_cls = build_conv2d(feat_channels, num_anchors, 1, has_bias=True, impl=conv_impl)
         self.rpn_reg = build_conv2d(feat_channels, num_anchors * 4, 1, has_bias=True,
                                     impl=conv_impl)
         for cell in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
             normal_init_(cell, RPN_INIT_STD)
-        self.relu = nn.ReLU()
         self._nms_train = SortedNms(train_proposal.iou_threshold, impl=nms_impl)
         self._nms_test = SortedNms(test_proposal.iou_threshold, impl=nms_impl)
 
@@ -117,7 +116,7 @@ class RPNHead(nn.Cell):
         cls_logits, bbox_deltas = [], []
         for feat in features:
             batch = feat.shape[0]
-            x = self.relu(self.rpn_conv(feat))
+            x = self.rpn_conv(feat)                   # with its ReLU (activation="relu")
             cls_logits.append(self.rpn_cls(x).transpose(0, 2, 3, 1).reshape(batch, -1))
             bbox_deltas.append(self.rpn_reg(x).transpose(0, 2, 3, 1).reshape(batch, -1, 4))
         return cls_logits, bbox_deltas

@@ -11,7 +11,7 @@ from mindspore.ops import primitive as ms_primitive
 
 from instaboost.models.layers import native_kernels, winograd
 from instaboost.models.layers.conv import (MIN_SHARED_WEIGHT_PIXELS, UnfoldConv2d,
-                                           UnfoldDeconv2x2, WinogradConv2d,
+                                           UnfoldDeconv2x2, WinogradConv2d, add_bias,
                                            build_conv2d, build_deconv2x2, disable_input_grad,
                                            subsample)
 from tests.helpers import traceable_call_stack
@@ -297,13 +297,16 @@ def test_winograd_impl_falls_back_to_unfold(kernel, stride, padding, groups):
 @pytest.mark.parametrize("impl", ["unfold", "winograd"])
 @pytest.mark.parametrize("kernel_size, stride, padding", [(3, 1, 1), (1, 2, 0), (1, 1, 0)])
 def test_empty_batch_gives_an_empty_output_as_native(impl, kernel_size, stride, padding):
-    # No RoIs: the native convolution returns (0, O, Ho, Wo) and a zero weight gradient.
+    # No RoIs: the native convolution returns (0, O, Ho, Wo) and zero parameter gradients
+    # (with a bias and a ReLU, as in the mask head, whose fused kernel the empty batch skips).
     x = Tensor(np.zeros((0, 8, 14, 13), np.float32))
-    native = build_conv2d(8, 6, kernel_size, stride=stride, padding=padding, impl="native")
-    conv = build_conv2d(8, 6, kernel_size, stride=stride, padding=padding, impl=impl)
+    settings = dict(stride=stride, padding=padding, has_bias=True, activation="relu")
+    native = build_conv2d(8, 6, kernel_size, impl="native", **settings)
+    conv = build_conv2d(8, 6, kernel_size, impl=impl, **settings)
     assert conv(x).shape == native(x).shape
-    weight_grad = ms.grad(lambda t: conv(t).sum(), None, [conv.weight])(x)[0]
-    assert weight_grad.shape == conv.weight.shape and not weight_grad.asnumpy().any()
+    grads = ms.grad(lambda t: conv(t).sum(), None, [conv.weight, conv.bias])(x)
+    assert grads[0].shape == conv.weight.shape and not grads[0].asnumpy().any()
+    assert grads[1].shape == conv.bias.shape and not grads[1].asnumpy().any()
 
 
 @pytest.mark.parametrize("groups, shape, chunk_bytes", [
@@ -338,6 +341,67 @@ def test_deconv2x2_matches_native(impl):
     _assert_same(native, unfold, (3, 4, 5, 3), rng)
 
 
+# (kernel, input NCHW shape): a 3x3 convolution on its Winograd path, a 1x1 one on the
+# shared-weight product, each with a bias and a ReLU (one C++ operator with impl "winograd").
+RELU_CASES = [pytest.param(3, (2, 5, 13, 17), id="3x3-winograd"),
+              pytest.param(1, (3, 6, 14, 15), id="1x1-large-map")]
+
+
+@pytest.mark.parametrize("impl", ["unfold", "winograd"])
+@pytest.mark.parametrize("kernel, shape", RELU_CASES)
+def test_conv_with_relu_matches_native(kernel, shape, impl):
+    rng = np.random.default_rng(SEED)
+    cin, cout = shape[1], 7
+    padding = kernel // 2
+    native = build_conv2d(cin, cout, kernel, padding=padding, has_bias=True, impl="native",
+                          activation="relu")
+    fast = build_conv2d(cin, cout, kernel, padding=padding, has_bias=True, impl=impl,
+                        activation="relu")
+    if isinstance(fast, WinogradConv2d):
+        assert fast.uses_winograd(shape) or _winograd_always(fast)
+    _copy_parameters(native, fast)
+    x = Tensor(rng.standard_normal(shape).astype(np.float32))
+    y = native(x).asnumpy()
+    # The ReLU is there: about half the outputs are clipped, none below zero.
+    assert y.min() == 0.0 and 0.2 < (y == 0).mean() < 0.8
+    _assert_same(native, fast, shape, rng)
+
+
+@pytest.mark.parametrize("impl", ["unfold", "winograd"])
+def test_deconv2x2_with_relu_matches_native(impl):
+    rng = np.random.default_rng(SEED)
+    native = build_deconv2x2(4, 6, impl="native", activation="relu")
+    fast = build_deconv2x2(4, 6, impl=impl, activation="relu")
+    _assert_same(native, fast, (3, 4, 5, 3), rng)
+    _copy_parameters(native, fast)
+    assert (fast(Tensor(rng.standard_normal((3, 4, 5, 3)).astype(np.float32))).asnumpy()
+            == 0).any()
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize("shape", [pytest.param((2, 3, 128, 128), id="planes-of-16k"),
+                                   pytest.param((5, 4, 7, 3), id="planes-of-21"),
+                                   pytest.param((4, 6), id="2-d")])
+def test_bias_kernel_matches_mindspore(shape, activation):
+    """The C++ bias (+ ReLU) operator against ops.bias_add (+ ops.relu): output, and the
+    gradients of x and of the bias, which the kernel sums per channel on every core. Planes
+    that are not a multiple of its 16 lanes take its tail loop."""
+    rng = np.random.default_rng(SEED)
+    x = Tensor(rng.standard_normal(shape).astype(np.float32))
+    bias = Tensor(rng.standard_normal(shape[1]).astype(np.float32))
+    dy = Tensor(rng.standard_normal(shape).astype(np.float32))
+
+    def outputs(use_kernel):
+        def objective(inputs, b):
+            return (add_bias(inputs, b, activation, use_kernel=use_kernel) * dy).sum()
+        dx, dbias = ms.grad(objective, grad_position=(0, 1))(x, bias)
+        y = add_bias(x, bias, activation, use_kernel=use_kernel)
+        return y.asnumpy(), dx.asnumpy(), dbias.asnumpy()
+
+    for expected, got in zip(outputs(False), outputs(True)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_parameters_match_nn_conv2d_layout_and_init():
     native = build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="native")
     unfold = build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="unfold")
@@ -352,8 +416,12 @@ def test_parameters_match_nn_conv2d_layout_and_init():
         weight = cell.weight.asnumpy()
         assert np.abs(weight).max() <= bound and weight.std() > bound / 4
         assert np.abs(cell.bias.asnumpy()).max() <= bound
+    # With a ReLU, the same names: a checkpoint loads whichever impl or activation built it.
+    assert names(build_conv2d(8, 16, 3, padding=1, has_bias=True, impl="native",
+                              activation="relu")) == names(native)
     deconv_names = lambda cell: [(n, tuple(p.shape)) for n, p in cell.parameters_and_names()]
     assert deconv_names(build_deconv2x2(4, 6, impl="native")) == \
+        deconv_names(build_deconv2x2(4, 6, impl="native", activation="relu")) == \
         deconv_names(build_deconv2x2(4, 6, impl="unfold")) == \
         [("weight", (4, 6, 2, 2)), ("bias", (6,))]
 
@@ -415,6 +483,11 @@ def test_invalid_arguments():
         build_deconv2x2(4, 4, impl="fast")
     with pytest.raises(ValueError, match="divisible"):
         build_conv2d(4, 6, 3, groups=4, impl="unfold")
+    for impl in ("native", "unfold", "winograd"):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            build_conv2d(4, 4, 3, impl=impl, activation="gelu")
+        with pytest.raises(ValueError, match="activation must be one of"):
+            build_deconv2x2(4, 4, impl=impl, activation="gelu")
     conv = build_conv2d(4, 4, 5, impl="unfold")
     with pytest.raises(ValueError, match="smaller than kernel"):
         conv(ops.zeros((1, 4, 3, 3), ms.float32))

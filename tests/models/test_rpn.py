@@ -201,7 +201,7 @@ def test_objectness_and_deltas_follow_the_anchor_order_on_non_square_maps():
     anchors = rpn.anchors(feats)
     for feat, logits, level_deltas, level_anchors, stride in zip(feats, cls_logits, deltas,
                                                                 anchors, STRIDES):
-        hidden = rpn.relu(rpn.rpn_conv(feat))
+        hidden = rpn.rpn_conv(feat)                                     # with its ReLU
         dense = rpn.rpn_cls(hidden).asnumpy()[0]                        # (A, H, W)
         dense_deltas = rpn.rpn_reg(hidden).asnumpy()[0]                 # (A * 4, H, W)
         num_anchors, height, width = dense.shape
