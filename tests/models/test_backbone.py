@@ -183,3 +183,28 @@ def test_load_pretrained_roundtrip_and_errors(tmp_path, resnet50):
 
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         resnet50.load_pretrained(tmp_path / "nope.ckpt")
+
+
+@pytest.mark.parametrize("fine_size, coarse_size", [pytest.param((14, 10), (7, 5), id="exact-2x"),
+                                                    pytest.param((13, 10), (7, 5), id="odd")])
+def test_top_down_merge_on_the_kernel_matches_mindspore(fine_size, coarse_size):
+    """The FPN's merge, fine + nearest-upsampled coarse, on the C++ kernel (exact 2x sizes;
+    others fall back to MindSpore's operators) against MindSpore's: output and both inputs'
+    gradients."""
+    rng = np.random.default_rng(0)
+    fine = Tensor(rng.standard_normal((2, 3) + fine_size).astype(np.float32))
+    coarse = Tensor(rng.standard_normal((2, 3) + coarse_size).astype(np.float32))
+    dy = Tensor(rng.standard_normal(fine.shape).astype(np.float32))
+    results = []
+    for impl in ("unfold", "winograd"):
+        neck = FPN(in_channels=(3, 3), out_channels=3, num_outs=2, conv_impl=impl)
+        assert neck.use_kernel == (impl == "winograd")
+        grads = ms.grad(lambda a, b: (neck.merge_top_down(a, b) * dy).sum(),
+                        grad_position=(0, 1))(fine, coarse)
+        results.append([neck.merge_top_down(fine, coarse).asnumpy()] +
+                       [g.asnumpy() for g in grads])
+    for expected, got in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # Each fine pixel took its coarse pixel: (i, j) <- (i // 2, j // 2).
+    up = results[1][0] - fine.asnumpy()
+    np.testing.assert_allclose(up[:, :, 5, 3], coarse.asnumpy()[:, :, 2, 1], rtol=1e-6)

@@ -6,12 +6,14 @@ max-pool(kernel 1, stride 2) of the last output (P6 from P5, no extra convolutio
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Tuple
 
 import numpy as np
 from mindspore import Tensor, nn, ops
 
 from instaboost.models.layers.conv import build_conv2d, subsample
+from instaboost.models.layers.native_kernels import aot_op, uses_cpu_kernels
 
 UPSAMPLE_FACTOR = 2
 EXTRA_LEVEL_STRIDE = 2
@@ -48,6 +50,22 @@ def upsample_nearest_to(x: Tensor, size: Tuple[int, int], upsample2x: nn.Cell) -
     return ops.interpolate(x, size=tuple(size), mode="nearest")
 
 
+@functools.lru_cache(maxsize=None)
+def _upsample_add_op() -> ops.Custom:
+    """Differentiable AOT op ``fine + upsample2x(coarse)`` of ``kernels/cpu/upsample.cc`` (one
+    pass over memory; its gradient passes dy to ``fine`` and sum-pools it for ``coarse``)."""
+    sum_pool = aot_op("upsample", "SumPool2x2",
+                      out_shape=lambda dy: (dy[0], dy[1], dy[2] // UPSAMPLE_FACTOR,
+                                            dy[3] // UPSAMPLE_FACTOR),
+                      out_dtype=lambda dy: dy)
+
+    def bprop(fine, coarse, out, dout):
+        return dout, sum_pool(dout)
+
+    return aot_op("upsample", "NearestUp2xAdd", out_shape=lambda fine, _: tuple(fine),
+                  out_dtype=lambda fine, _: fine, bprop=bprop)
+
+
 class FPN(nn.Cell):
     """Feature pyramid over backbone maps.
 
@@ -56,7 +74,8 @@ class FPN(nn.Cell):
         out_channels: channels of every output level.
         num_outs: number of outputs (>= len(in_channels)); extra levels are stride-2
             subsamplings of the last one.
-        conv_impl: "unfold" or "native" (see `build_conv2d`).
+        conv_impl: "native", "unfold" or "winograd" (see `build_conv2d`); with "winograd" the
+            top-down merges of exact 2x sizes run on the C++ kernel of `_upsample_add_op`.
 
     Input: tuple of float32 (N, in_channels[i], H_i, W_i), each level half the previous size.
     Output: tuple of ``num_outs`` float32 maps (N, out_channels, H_i, W_i) (P2..P6 for a ResNet).
@@ -78,15 +97,24 @@ class FPN(nn.Cell):
             build_conv2d(out_channels, out_channels, 3, padding=1, has_bias=True, impl=conv_impl)
             for _ in in_channels])
         self.upsample = NearestUpsample2x()
+        self.use_kernel = uses_cpu_kernels(conv_impl)
+        if self.use_kernel:
+            _upsample_add_op()   # built now: a missing compiler fails where the model is made
+
+    def merge_top_down(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """``fine`` plus the nearest upsampling of the coarser level ``coarse`` to its size."""
+        exact_2x = tuple(fine.shape[2:]) == (coarse.shape[2] * UPSAMPLE_FACTOR,
+                                             coarse.shape[3] * UPSAMPLE_FACTOR)
+        if self.use_kernel and exact_2x:
+            return _upsample_add_op()(fine, coarse)
+        return fine + upsample_nearest_to(coarse, fine.shape[2:], self.upsample)
 
     def construct(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         if len(inputs) != len(self.in_channels):
             raise ValueError(f"FPN expects {len(self.in_channels)} inputs, got {len(inputs)}")
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
         for i in range(len(laterals) - 1, 0, -1):
-            target = laterals[i - 1].shape[2:]
-            laterals[i - 1] = laterals[i - 1] + upsample_nearest_to(laterals[i], target,
-                                                                    self.upsample)
+            laterals[i - 1] = self.merge_top_down(laterals[i - 1], laterals[i])
         outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)]
         for _ in range(self.num_outs - len(outs)):
             # max-pool with kernel 1, stride 2 == stride-2 subsampling (see `subsample` for why
