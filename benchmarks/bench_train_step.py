@@ -48,7 +48,9 @@ rest; ``winograd_bf16``: the same with
    (layer configuration, input shape) is timed alone -- forward, then forward+backward with
    gradients w.r.t. input and weights (``ms.grad`` of the cell, all-ones output sensitivity),
    best of ``--layer-repeats`` after a warm-up -- and the
-   times are summed with each call's multiplicity. GFLOP/s = FLOPs / summed time; for winograd
+   times are summed with each call's multiplicity. A cell is timed with what it applies after
+   the convolution, on every path: its bias, and the ReLU of the cells built with one (the
+   RPN's 3x3 convolution, the mask head's convolutions and deconvolution). GFLOP/s = FLOPs / summed time; for winograd
    this is an *effective* rate (direct-convolution FLOPs per second: Winograd does fewer).
    Native layers above ``--native-cap-gflop`` forward GFLOP are timed on a reduced shape (fewer
    images, then halved height and width) and scaled by the FLOP ratio (convolution time is

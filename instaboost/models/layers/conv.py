@@ -609,7 +609,7 @@ class UnfoldConv2d(nn.Cell):
         if matmul_impl == "kernel":
             load_kernel()
             if has_bias:
-                _bias_op(activation)   # built now: a missing compiler fails where the layer is made
+                _bias_op(activation)   # built now: no compiler fails where the layer is made
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must "
                              f"be divisible by groups {groups}")
