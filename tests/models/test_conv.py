@@ -358,7 +358,8 @@ def test_conv_with_relu_matches_native(kernel, shape, impl):
     fast = build_conv2d(cin, cout, kernel, padding=padding, has_bias=True, impl=impl,
                         activation="relu")
     if isinstance(fast, WinogradConv2d):
-        assert fast.uses_winograd(shape) or _winograd_always(fast)
+        _winograd_always(fast)    # the test's map is below the size that takes Winograd
+        assert fast.uses_winograd(shape)
     _copy_parameters(native, fast)
     x = Tensor(rng.standard_normal(shape).astype(np.float32))
     y = native(x).asnumpy()

@@ -63,7 +63,7 @@ from instaboost.models.layers.winograd import WinogradConvFunction, choose_layou
 
 CONV_IMPLS = ("native", "unfold", "winograd")
 # What a convolution cell may apply after its bias (fused with it on the C++ kernels).
-ACTIVATIONS = ("none", "relu")
+CONV_ACTIVATIONS = ("none", "relu")
 
 # nn.Conv2d's default weight init in MindSpore 2.10: HeUniform(negative_slope=sqrt(5)); bias
 # Uniform(1/sqrt(fan_in)).
@@ -151,8 +151,8 @@ def _bias_op(activation: str) -> ops.Custom:
 
 
 def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
 
 
 def add_bias(x: Tensor, bias: Tensor, activation: str = "none",

@@ -43,9 +43,14 @@ class NearestUpsample2x(nn.Cell):
         return (self.sum_pool(dout) * float(UPSAMPLE_FACTOR * UPSAMPLE_FACTOR),)
 
 
+def is_exact_2x(x: Tensor, size: Sequence[int]) -> bool:
+    """Whether ``size`` (height, width) is exactly twice the map size of NCHW ``x``."""
+    return tuple(size) == (x.shape[2] * UPSAMPLE_FACTOR, x.shape[3] * UPSAMPLE_FACTOR)
+
+
 def upsample_nearest_to(x: Tensor, size: Tuple[int, int], upsample2x: nn.Cell) -> Tensor:
     """Nearest upsampling of (N, C, h, w) to (N, C, *size); exact 2x takes the fast path."""
-    if tuple(size) == (x.shape[2] * UPSAMPLE_FACTOR, x.shape[3] * UPSAMPLE_FACTOR):
+    if is_exact_2x(x, size):
         return upsample2x(x)
     return ops.interpolate(x, size=tuple(size), mode="nearest")
 
@@ -103,9 +108,7 @@ class FPN(nn.Cell):
 
     def merge_top_down(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """``fine`` plus the nearest upsampling of the coarser level ``coarse`` to its size."""
-        exact_2x = tuple(fine.shape[2:]) == (coarse.shape[2] * UPSAMPLE_FACTOR,
-                                             coarse.shape[3] * UPSAMPLE_FACTOR)
-        if self.use_kernel and exact_2x:
+        if self.use_kernel and is_exact_2x(coarse, fine.shape[2:]):
             return _upsample_add_op()(fine, coarse)
         return fine + upsample_nearest_to(coarse, fine.shape[2:], self.upsample)
 
