@@ -90,7 +90,54 @@ def test_unfold_matches_native(cin, cout, kernel, stride, padding, groups, bias,
     # 1x1, groups 1, on the kernel matmul: maps of >= MIN_SHARED_WEIGHT_PIXELS (the
     # "large-map" case) take the shared-weight batched product, smaller ones the reordering path.
     assert unfold.shared_weight == (impl == "winograd" and kernel == 1 and groups == 1)
+    # k x k, groups 1, on the kernel matmul: one im2col pass and one product (im2col.cc).
+    takes_patches = unfold.patches is not None and unfold.patches.fits(shape)
+    assert takes_patches == (impl == "winograd" and kernel != 1 and groups == 1)
     _assert_same(native, unfold, shape, rng)
+
+
+def _im2col_reference(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
+    """(N, C*kh*kw, Ho, Wo) patches, rows ordered (channel, tap_y, tap_x), zero padding."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    cols = np.empty((n, c, kh, kw, oh, ow), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
+    return cols.reshape(n, c * kh * kw, oh, ow)
+
+
+def test_im2col_kernels_match_numpy():
+    """Im2Col is the patch matrix and Col2Im its exact adjoint (<cols(x), d> = <x, col2im(d)>
+    checked entry by entry against NumPy's scatter-add), for several geometries on one input
+    shape: MindSpore caches an AOT op's output shape by entry point and input shapes, so the
+    geometry must be part of the inputs' shapes (a geometry in a tensor's values gave the
+    second convolution here the first one's patch shape)."""
+    from instaboost.models.layers.conv import _geometry_tensor, _patch_ops
+    im2col, col2im = _patch_ops()
+    rng = np.random.default_rng(SEED)
+    x = rng.standard_normal((2, 3, 9, 7)).astype(np.float32)
+    for kernel, stride, padding in [((3, 1), (1, 1), (1, 0)), ((3, 3), (1, 1), (0, 0)),
+                                    ((3, 3), (2, 2), (1, 1)), ((7, 7), (2, 2), (3, 3)),
+                                    ((2, 3), (3, 2), (0, 2))]:
+        geometry = _geometry_tensor(kernel, stride, padding)
+        expected = _im2col_reference(x, kernel, stride, padding)
+        cols = im2col(Tensor(x), geometry).asnumpy()
+        np.testing.assert_array_equal(cols, expected)
+        dcols = rng.standard_normal(expected.shape).astype(np.float32)
+        # The adjoint: every patch entry added back where Im2Col read it, padding dropped.
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        oh, ow = expected.shape[2:]
+        reference = np.zeros((2, 3, 9 + 2 * ph, 7 + 2 * pw), np.float64)
+        d6 = dcols.reshape(2, 3, kh, kw, oh, ow)
+        for i in range(kh):
+            for j in range(kw):
+                reference[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += d6[:, :, i, j]
+        reference = reference[:, :, ph:ph + 9, pw:pw + 7]
+        dx = col2im(Tensor(x), Tensor(dcols), geometry).asnumpy()
+        np.testing.assert_allclose(dx, reference, rtol=1e-6, atol=1e-5)
 
 
 # (in, out, bias, input NCHW shape): odd sizes crop the last 4x4 tiles; 1x1 is one tile of
@@ -427,10 +474,11 @@ def test_parameters_match_nn_conv2d_layout_and_init():
         [("weight", (4, 6, 2, 2)), ("bias", (6,))]
 
 
-def test_disable_input_grad_keeps_weight_grads():
+@pytest.mark.parametrize("impl", ["unfold", "winograd"])
+def test_disable_input_grad_keeps_weight_grads(impl):
     rng = np.random.default_rng(SEED)
-    reference = build_conv2d(3, 4, 7, stride=2, padding=3, impl="unfold")
-    stem = disable_input_grad(build_conv2d(3, 4, 7, stride=2, padding=3, impl="unfold"))
+    reference = build_conv2d(3, 4, 7, stride=2, padding=3, impl=impl)
+    stem = disable_input_grad(build_conv2d(3, 4, 7, stride=2, padding=3, impl=impl))
     _copy_parameters(reference, stem)
     x = Tensor(rng.standard_normal((1, 3, 12, 12)).astype(np.float32))
     dy = Tensor(rng.standard_normal(reference(x).shape).astype(np.float32))
@@ -489,9 +537,10 @@ def test_invalid_arguments():
             build_conv2d(4, 4, 3, impl=impl, activation="gelu")
         with pytest.raises(ValueError, match="activation must be one of"):
             build_deconv2x2(4, 4, impl=impl, activation="gelu")
-    conv = build_conv2d(4, 4, 5, impl="unfold")
-    with pytest.raises(ValueError, match="smaller than kernel"):
-        conv(ops.zeros((1, 4, 3, 3), ms.float32))
+    for impl in ("unfold", "winograd"):
+        conv = build_conv2d(4, 4, 5, impl=impl)
+        with pytest.raises(ValueError, match="smaller than kernel"):
+            conv(ops.zeros((1, 4, 3, 3), ms.float32))
 
 
 # bfloat16 products (operands rounded to 8 significant bits, float32 sums): errors of a few
