@@ -34,8 +34,8 @@ def _reference(a, b, transpose_a, transpose_b):
     return np.matmul(a.astype(np.float64), b.astype(np.float64))
 
 
-# (a shape, b shape, transpose_a, transpose_b): M, N off the 12 x 32 register tile; K over one
-# 192 block (uneven split); M over one 144 block; N narrow (rows split) and wide (slivers split);
+# (a shape, b shape, transpose_a, transpose_b): M, N off the 14 x 32 register tile; K over one
+# 192 block (uneven split); M over one 140 block; N narrow (rows split) and wide (slivers split);
 # 2-D operands shared by every batch item of a 3-D one; one item with a small output and a
 # deep K, split over K between the threads (K 9001: uneven blocks, a partial last one).
 CASES = [
