@@ -18,8 +18,8 @@
 //   Im2Col (x (N, C, H, W), geometry)                   -> cols (N, C*kh*kw, Ho, Wo)
 //   Col2Im (x (N, C, H, W), dcols (N, C*kh*kw, Ho, Wo), geometry) -> dx (N, C, H, W)
 // cols[n][(c*kh + i)*kw + j][oy][ox] = x[n][c][oy*sh - ph + i][ox*sw - pw + j], 0 in the padding;
-// Col2Im is its adjoint. The geometry is a tensor's *shape*, (kh, kw, sh, sw, ph + 1, pw + 1)
-// (its values are not read), and Col2Im reads x for its shape only: MindSpore infers an AOT
+// Col2Im is its adjoint. The geometry is a float32 tensor's *shape*,
+// (kh, kw, sh, sw, ph + 1, pw + 1) (its values are not read), and Col2Im reads x for its shape only: MindSpore infers an AOT
 // op's output shape from its input shapes alone and caches it by entry point and input
 // shapes, across operator instances, so the inputs' shapes must determine the output's (a
 // geometry in a tensor's values gave one convolution the cached shape of another).
@@ -31,6 +31,7 @@
 #include <cstring>
 
 #include "aot_entry.h"
+#include "shapes.h"
 
 namespace {
 
@@ -78,11 +79,8 @@ void InsideRange(int64_t offset, int64_t size, int64_t stride, int64_t outputs, 
   *last = std::clamp<int64_t>(ceil_div(size - offset, stride), *first, outputs);
 }
 
-int Im2Col(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 3 || ndims[0] != 4 || std::strcmp(dtypes[0], "float32") != 0 ||
-      std::strcmp(dtypes[2], "float32") != 0) {
-    return 1;
-  }
+int Im2Col(int nparam, void **params, int *ndims, int64_t **shapes) {
+  if (nparam != 3 || ndims[0] != 4) return 1;
   Geometry g;
   if (!ReadGeometry(shapes[0], ndims[1], shapes[1], &g)) return 2;
   if (!MatchesCols(g, ndims[2], shapes[2])) return 1;
@@ -117,17 +115,11 @@ int Im2Col(int nparam, void **params, int *ndims, int64_t **shapes, const char *
   return 0;
 }
 
-int Col2Im(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 4 || ndims[0] != 4 || ndims[3] != 4 || std::strcmp(dtypes[0], "float32") != 0 ||
-      std::strcmp(dtypes[1], "float32") != 0 || std::strcmp(dtypes[3], "float32") != 0) {
-    return 1;
-  }
+int Col2Im(int nparam, void **params, int *ndims, int64_t **shapes) {
+  if (nparam != 4 || ndims[0] != 4 || !tensor_shape::SameShape(ndims, shapes, 0, 3)) return 1;
   Geometry g;
   if (!ReadGeometry(shapes[0], ndims[2], shapes[2], &g)) return 2;
   if (!MatchesCols(g, ndims[1], shapes[1])) return 1;
-  for (int d = 0; d < 4; ++d) {
-    if (shapes[3][d] != shapes[0][d]) return 1;
-  }
   const float *dcols = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[3]);
   const int64_t planes = g.n * g.c, pixels = g.oh * g.ow, taps = g.kh * g.kw;
@@ -160,5 +152,5 @@ int Col2Im(int nparam, void **params, int *ndims, int64_t **shapes, const char *
 
 }  // namespace
 
-AOT_ENTRY(Im2Col, Im2Col)
-AOT_ENTRY(Col2Im, Col2Im)
+AOT_ENTRY_FLOAT32(Im2Col, Im2Col)
+AOT_ENTRY_FLOAT32(Col2Im, Col2Im)

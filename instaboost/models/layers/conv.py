@@ -526,12 +526,12 @@ def _patch_ops() -> Tuple[ops.Custom, ops.Custom]:
 
 def _geometry_tensor(kernel: Tuple[int, int], stride: Tuple[int, int],
                      padding: Tuple[int, int]) -> Tensor:
-    """The im2col kernels' geometry as a tensor's *shape*, (kh, kw, sh, sw, ph + 1, pw + 1);
-    its (zero) values are not read. MindSpore infers an AOT op's output shape from its input
+    """The im2col kernels' geometry as a float32 tensor's *shape*, (kh, kw, sh, sw, ph + 1,
+    pw + 1); its (zero) values are not read. MindSpore infers an AOT op's output shape from its input
     shapes and caches it by entry point and input shapes, across operator instances: a geometry
     held in a tensor's values gave one convolution another's cached output shape."""
     shape = tuple(kernel) + tuple(stride) + tuple(p + 1 for p in padding)
-    return Tensor(np.zeros(shape, np.uint8))
+    return Tensor(np.zeros(shape, np.float32))
 
 
 class _Im2ColConvFunction(nn.Cell):
@@ -571,12 +571,13 @@ class _Im2ColConvFunction(nn.Cell):
         patch_bytes = n * c * math.prod(self.kernel) * math.prod(sizes) * _FLOAT32_BYTES
         return min(sizes) > 0 and patch_bytes <= self.chunk_bytes
 
-    def _weight_matrix(self, weight: Tensor) -> Tensor:
+    @staticmethod
+    def _flat_weight(weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)                      # (O, C*kh*kw)
 
     def construct(self, x: Tensor, weight: Tensor) -> Tensor:
         cols = self.im2col(x, self.geometry)
-        return matmul(self._weight_matrix(weight), cols, impl="kernel")
+        return matmul(self._flat_weight(weight), cols, impl="kernel")
 
     def bprop(self, x: Tensor, weight: Tensor, out: Tensor, dout: Tensor):
         cols = self.im2col(x, self.geometry)
@@ -584,7 +585,7 @@ class _Im2ColConvFunction(nn.Cell):
         dw = dw.sum(0).reshape(weight.shape)
         if not self.input_grad:
             return ops.zeros_like(x), dw
-        dcols = matmul(self._weight_matrix(weight), dout, transpose_a=True, impl="kernel")
+        dcols = matmul(self._flat_weight(weight), dout, transpose_a=True, impl="kernel")
         return self.col2im(x, dcols, self.geometry), dw
 
 
