@@ -125,10 +125,14 @@ def test_portable_build_without_avx512_matches_numpy():
         assert np.abs(got - expected).max() / np.abs(expected).max() < RTOL
 
 
-# Odd K (half a bfloat16 pair at the end), K over the 384 bfloat16 block, every transposition,
-# shared and batched operands, split K.
+# Odd K (half a bfloat16 pair at the end), K over the 384 bfloat16 block (512 on AMX), every
+# transposition, shared and batched operands, split K; on AMX also whole 32 x 32 tiles of C
+# loaded and stored by the tile unit over several K blocks, beside edge tiles.
 BF16_CASES = [CASES[0], CASES[1], CASES[3], CASES[4], CASES[7], CASES[8], *CASES[9:12],
-              pytest.param((3, 40, 801), (3, 801, 50), False, False, id="batched-k-blocks")]
+              pytest.param((3, 40, 801), (3, 801, 50), False, False, id="batched-k-blocks"),
+              pytest.param((70, 1100), (1100, 70), False, False, id="whole-tiles-k-blocks"),
+              pytest.param((1100, 70), (1100, 66), True, False, id="tn-whole-tiles"),
+              pytest.param((2, 64, 1030), (2, 96, 1030), False, True, id="nt-whole-tiles")]
 
 
 @pytest.mark.parametrize("a_shape, b_shape, transpose_a, transpose_b", BF16_CASES)
