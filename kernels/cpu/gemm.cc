@@ -154,18 +154,22 @@ inline void PrefetchTile(const float *c, int64_t ldc, int mr) {
   }
 }
 
+// Adds (or writes) one kNR-wide tile row (v0, v1) to a row of C, lanes `low` and `high` only.
+inline void StoreTileRow(__m512 v0, __m512 v1, float *row, __mmask16 low, __mmask16 high,
+                         bool accumulate) {
+  if (accumulate) {
+    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(low, row));
+    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(high, row + 16));
+  }
+  _mm512_mask_storeu_ps(row, low, v0);
+  _mm512_mask_storeu_ps(row + 16, high, v1);
+}
+
 // Adds (or writes) rows [0, mr) x columns [0, nr) of the tile to C, masked at the right edge.
 inline void StoreTile(const Tile &acc, float *c, int64_t ldc, int mr, int nr, bool accumulate) {
   const __mmask16 low = LaneMask(nr), high = LaneMask(nr - 16);
   for (int i = 0; i < mr; ++i) {
-    float *row = c + static_cast<int64_t>(i) * ldc;
-    __m512 v0 = acc[i][0], v1 = acc[i][1];
-    if (accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(low, row));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(high, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, low, v0);
-    _mm512_mask_storeu_ps(row + 16, high, v1);
+    StoreTileRow(acc[i][0], acc[i][1], c + static_cast<int64_t>(i) * ldc, low, high, accumulate);
   }
 }
 #endif
@@ -575,14 +579,8 @@ struct AmxFormat {
     _tile_stored(3, tile + 16 * kNR + 16, tile_stride);
     const __mmask16 low = LaneMask(nr), high = LaneMask(nr - 16);
     for (int i = 0; i < mr; ++i) {
-      float *row = c + static_cast<int64_t>(i) * ldc;
-      __m512 v0 = _mm512_load_ps(tile + i * kNR), v1 = _mm512_load_ps(tile + i * kNR + 16);
-      if (accumulate) {
-        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(low, row));
-        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(high, row + 16));
-      }
-      _mm512_mask_storeu_ps(row, low, v0);
-      _mm512_mask_storeu_ps(row + 16, high, v1);
+      StoreTileRow(_mm512_load_ps(tile + i * kNR), _mm512_load_ps(tile + i * kNR + 16),
+                   c + static_cast<int64_t>(i) * ldc, low, high, accumulate);
     }
   }
 };
