@@ -30,8 +30,9 @@ RCNN_SAMPLER_SEED_OFFSET = 1000
 # gradients. With conv_impl "winograd" the project's C++ CPU kernels are in use, and RoIAlign
 # runs on its C++ kernel too (same grid, 2-2.5x faster forward+backward, measured), the box
 # head's two shared FCs follow hardware.matmul_precision (layers/linear.py), the NMS of the
-# proposals and detections runs on its kernel (layers/nms.py) and the train step checks its
-# gradients with one kernel call (engine/finite.py).
+# proposals and detections runs on its kernel (layers/nms.py), so do the max-IoU assignments
+# (models/assigner.py), and the train step checks its gradients with one kernel call
+# (engine/finite.py).
 DEFAULT_ROI_ALIGN_IMPL = "gather"
 ROI_ALIGN_IMPL_WITH_CPU_KERNELS = "kernel"
 
@@ -43,12 +44,12 @@ def _proposal_cfg(section: Mapping[str, Any]) -> ProposalConfig:
                           min_bbox_size=float(section["min_bbox_size"]))
 
 
-def _assigner(section: Mapping[str, Any], ignore_iof_thr: float) -> MaxIoUAssigner:
+def _assigner(section: Mapping[str, Any], ignore_iof_thr: float, impl: str) -> MaxIoUAssigner:
     return MaxIoUAssigner(pos_iou_thr=float(section["pos_iou_thr"]),
                           neg_iou_thr=float(section["neg_iou_thr"]),
                           min_pos_iou=float(section["min_pos_iou"]),
                           match_low_quality=bool(section["match_low_quality"]),
-                          ignore_iof_thr=ignore_iof_thr)
+                          ignore_iof_thr=ignore_iof_thr, impl=impl)
 
 
 def _build_backbone(backbone_cfg: Mapping[str, Any], *, conv_impl: str) -> ResNet:
@@ -112,7 +113,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
                                          scales=[float(s) for s in rpn_cfg["anchor_scales"]]),
         box_coder=DeltaXYWHBoxCoder(means=list(rpn_cfg["target_means"]),
                                     stds=list(rpn_cfg["target_stds"])),
-        assigner=_assigner(train_cfg["rpn"]["assigner"], ignore_iof_thr),
+        assigner=_assigner(train_cfg["rpn"]["assigner"], ignore_iof_thr, layer_impl_for(conv_impl)),
         sampler=RandomSampler(num=int(train_cfg["rpn"]["sampler"]["num"]),
                               pos_fraction=float(train_cfg["rpn"]["sampler"]["pos_fraction"]),
                               seed=seed),
@@ -155,7 +156,7 @@ def build_detector(detector_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, A
                                      stds=list(bbox_cfg["target_stds"])),
         mask_roi_extractor=extractor(int(mask_cfg["roi_feat_size"])),
         mask_head=mask_head,
-        assigner=_assigner(rcnn_train["assigner"], ignore_iof_thr),
+        assigner=_assigner(rcnn_train["assigner"], ignore_iof_thr, layer_impl_for(conv_impl)),
         sampler=RandomSampler(num=int(rcnn_sampler_cfg["num"]),
                               pos_fraction=float(rcnn_sampler_cfg["pos_fraction"]),
                               add_gt_as_proposals=bool(rcnn_sampler_cfg["add_gt_as_proposals"]),

@@ -16,6 +16,12 @@ ms.runtime.launch_blocking()  # synchronous PyNative is several times faster on 
 RPN_RULES = dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True)
 
 
+@pytest.fixture(params=["mindspore", "kernel"])
+def impl(request):
+    """Every assigner rule holds for both implementations (MindSpore operations, C++ kernel)."""
+    return request.param
+
+
 def np_iof(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     tl = np.maximum(a[:, None, :2], b[None, :, :2])
     br = np.minimum(a[:, None, 2:], b[None, :, 2:])
@@ -63,8 +69,8 @@ def assign_one(assigner, boxes, gt_boxes, gt_valid=None, gt_crowd=None, cand_val
     return out.gt_inds.asnumpy()[0]
 
 
-def test_docstring_example_positive_ignore_negative_and_low_quality():
-    assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3)
+def test_docstring_example_positive_ignore_negative_and_low_quality(impl):
+    assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3, impl=impl)
     gt = [[0.0, 0, 10, 10]]
     # IoUs with the GT: 0.6, 0.45, 0.2 (boxes sharing the GT's top-left corner, area 100 / IoU)
     boxes = [[0, 0, 10, 6], [0, 0, 10, 4.5], [0, 0, 10, 2]]
@@ -73,28 +79,28 @@ def test_docstring_example_positive_ignore_negative_and_low_quality():
     boxes = [[0, 0, 10, 3.5], [0, 0, 10, 1], [0, 0, 10, 2]]
     np.testing.assert_array_equal(assign_one(assigner, boxes, gt), [1, 0, 0])
     strict = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3,
-                            match_low_quality=False)
+                            match_low_quality=False, impl=impl)
     np.testing.assert_array_equal(assign_one(strict, boxes, gt), [0, 0, 0])
 
 
-def test_thresholds_at_their_exact_values_as_mmdetection():
+def test_thresholds_at_their_exact_values_as_mmdetection(impl):
     """IoU == pos_iou_thr is positive (>=), IoU == neg_iou_thr is not negative (<: ignored), and
     a GT whose best IoU equals min_pos_iou still gets its low-quality match (>=). Boxes with
     integer corners hit these values exactly."""
     gt = [[0.0, 0, 10, 10]]
     boxes = [[0, 0, 10, 5], [0, 0, 10, 3], [0, 0, 10, 2]]   # IoU 0.5, 0.3, 0.2
     strict = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.3, min_pos_iou=0.3,
-                            match_low_quality=False)
+                            match_low_quality=False, impl=impl)
     np.testing.assert_array_equal(assign_one(strict, boxes, gt), [1, -1, 0])
-    low_quality = MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.2, min_pos_iou=0.3)
+    low_quality = MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.2, min_pos_iou=0.3, impl=impl)
     np.testing.assert_array_equal(assign_one(low_quality, [[0, 0, 10, 3], [20, 20, 30, 30]], gt),
                                   [1, 0])
 
 
-def test_gt_candidates_are_their_own_gts_positives_even_when_duplicated():
+def test_gt_candidates_are_their_own_gts_positives_even_when_duplicated(impl):
     # add_gt_as_proposals: candidates [gt0, gt1, gt2 (crowd), proposal] with gt0 == gt1. By IoU
     # alone both duplicates go to gt1; each must be its own GT's positive (mmdetection's add_gt_).
-    assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5)
+    assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, impl=impl)
     gt = np.array([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
     boxes = np.concatenate([gt, [[0, 0, 10, 9]]]).astype(np.float32)
     crowd = np.array([False, False, True])
@@ -108,8 +114,8 @@ def test_gt_candidates_are_their_own_gts_positives_even_when_duplicated():
     np.testing.assert_array_equal(fixed.max_iou.asnumpy()[0, :2], [1.0, 1.0])
 
 
-def test_zero_gts_and_all_padding_make_every_valid_candidate_negative():
-    assigner = MaxIoUAssigner(**RPN_RULES)
+def test_zero_gts_and_all_padding_make_every_valid_candidate_negative(impl):
+    assigner = MaxIoUAssigner(**RPN_RULES, impl=impl)
     boxes = [[0.0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 1, 1]]
     padding = np.zeros((3, 4), np.float32)
     np.testing.assert_array_equal(
@@ -121,8 +127,8 @@ def test_zero_gts_and_all_padding_make_every_valid_candidate_negative():
     np.testing.assert_array_equal(empty.gt_inds.asnumpy(), [[0, 0, 0]])
 
 
-def test_crowd_regions_are_ignored_and_never_matched():
-    assigner = MaxIoUAssigner(**RPN_RULES, ignore_iof_thr=0.5)
+def test_crowd_regions_are_ignored_and_never_matched(impl):
+    assigner = MaxIoUAssigner(**RPN_RULES, ignore_iof_thr=0.5, impl=impl)
     gt = [[0.0, 0, 10, 10], [50, 50, 100, 100]]
     crowd = [False, True]
     boxes = [[50.0, 50, 100, 100],   # identical to the crowd box: never positive -> ignored
@@ -134,13 +140,13 @@ def test_crowd_regions_are_ignored_and_never_matched():
     gt = [[60.0, 60, 70, 70], [50, 50, 100, 100]]
     np.testing.assert_array_equal(assign_one(assigner, [[60.0, 60, 70, 70]], gt, gt_crowd=crowd),
                                   [1])
-    no_ignore = MaxIoUAssigner(**RPN_RULES)
+    no_ignore = MaxIoUAssigner(**RPN_RULES, impl=impl)
     np.testing.assert_array_equal(
         assign_one(no_ignore, [[60.0, 60, 70, 70]], [[50.0, 50, 100, 100]], gt_crowd=[True]), [0])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_assigner_matches_sequential_reference(seed):
+def test_assigner_matches_sequential_reference(seed, impl):
     rng = np.random.default_rng(seed)
     num_boxes, num_gts = 60, 6
     xy = rng.uniform(0, 80, (num_boxes, 2))
@@ -153,10 +159,56 @@ def test_assigner_matches_sequential_reference(seed):
     cand_valid = rng.uniform(size=num_boxes) > 0.1
     rules = dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.3, match_low_quality=True,
                  ignore_iof_thr=0.5)
-    got = assign_one(MaxIoUAssigner(**rules), boxes, gts, gt_valid, gt_crowd, cand_valid)
+    got = assign_one(MaxIoUAssigner(**rules, impl=impl), boxes, gts, gt_valid, gt_crowd, cand_valid)
     want = reference_assign(boxes, cand_valid, gts, gt_valid, gt_crowd, **rules)
     np.testing.assert_array_equal(got, want)
     assert (got > 0).any() and (got == 0).any()
+
+
+@pytest.mark.parametrize("rules", [
+    dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True,
+         ignore_iof_thr=0.5),
+    dict(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, match_low_quality=True),
+    dict(pos_iou_thr=0.6, neg_iou_thr=0.2, min_pos_iou=0.0, match_low_quality=False,
+         ignore_iof_thr=0.3),
+], ids=["rpn-crowd", "rcnn", "no-low-quality"])
+def test_kernel_assigner_equals_mindspore_assigner_bit_for_bit(rules):
+    """Batched anchors on a grid (exact IoU ties between a GT's best anchors), duplicated and
+    zero-area GTs, padding and crowd slots, invalid candidates, and an image without targets: the
+    C++ kernel gives the same labels and the same max IoUs, bit for bit."""
+    rng = np.random.default_rng(7)
+    batch, num_gts = 3, 12
+    grid = np.arange(0, 192, 8, dtype=np.float32)
+    xs, ys = np.meshgrid(grid, grid)
+    sizes = np.array([16, 32, 64], np.float32)
+    anchors = np.concatenate([np.stack([xs.ravel(), ys.ravel(), xs.ravel() + s, ys.ravel() + s], 1)
+                              for s in sizes]).astype(np.float32)
+    boxes = np.repeat(anchors[None], batch, 0)
+    boxes[1] += rng.normal(0, 2, boxes[1].shape).astype(np.float32)   # off-grid candidates
+    xy = rng.uniform(0, 160, (batch, num_gts, 2))
+    gts = np.concatenate([xy, xy + rng.uniform(2, 80, (batch, num_gts, 2))], 2).astype(np.float32)
+    gts[:, 1] = gts[:, 0]                      # a duplicated GT
+    gts[:, 2, 2:] = gts[:, 2, :2]              # a zero-area GT
+    gt_valid = rng.uniform(size=(batch, num_gts)) > 0.2
+    gt_valid[:, :3] = True
+    gt_valid[2] = False                        # the last image has no GT at all
+    gt_crowd = rng.uniform(size=(batch, num_gts)) > 0.75
+    gt_crowd[:, :3] = False
+    cand_valid = rng.uniform(size=boxes.shape[:2]) > 0.05
+    inputs = [Tensor(a) for a in (boxes, cand_valid, gts, gt_valid, gt_crowd)]
+    want = MaxIoUAssigner(**rules, impl="mindspore").assign(*inputs)
+    got = MaxIoUAssigner(**rules, impl="kernel").assign(*inputs)
+    assert got.gt_inds.dtype == ms.int32 and got.max_iou.dtype == ms.float32
+    np.testing.assert_array_equal(got.gt_inds.asnumpy(), want.gt_inds.asnumpy())
+    np.testing.assert_array_equal(got.max_iou.asnumpy(), want.max_iou.asnumpy())
+    labels = want.gt_inds.asnumpy()
+    assert (labels[:2] > 0).sum() > 20 and (labels == 0).any() and (labels == -1).any()
+    assert (labels[2] <= 0).all()
+
+
+def test_assigner_rejects_an_unknown_impl():
+    with pytest.raises(ValueError, match="assigner impl"):
+        MaxIoUAssigner(**RPN_RULES, impl="cuda")
 
 
 def draw_gt_inds(rng, batch, num, pos_prob, neg_prob):

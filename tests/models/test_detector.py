@@ -194,12 +194,13 @@ def test_builder_reads_dictconfig_and_rejects_unknown_names(cfg_global):
         build_detector(renamed, cfg_global.backbone, num_classes=NUM_CLASSES, conv_impl="unfold")
 
 
-@pytest.mark.parametrize("conv_impl,nms_impl", [("unfold", "mindspore"), ("winograd", "kernel")])
-def test_nms_runs_on_the_kernel_with_the_cpu_kernels(cfg_global, conv_impl, nms_impl):
+@pytest.mark.parametrize("conv_impl,layer_impl", [("unfold", "mindspore"), ("winograd", "kernel")])
+def test_nms_and_assigners_run_on_the_kernels_with_the_cpu_kernels(cfg_global, conv_impl, layer_impl):
     model = build_detector(small_detector_cfg(cfg_global.detector), cfg_global.backbone,
                            num_classes=NUM_CLASSES, conv_impl=conv_impl)
     nms_layers = [model.rpn_head._nms_train, model.rpn_head._nms_test, model.roi_heads._nms]
-    assert [layer.impl for layer in nms_layers] == [nms_impl] * 3
+    assert [layer.impl for layer in nms_layers] == [layer_impl] * 3
+    assert [model.rpn_head.assigner.impl, model.roi_heads.assigner.impl] == [layer_impl] * 2
     assert model.rpn_head._nms_train.iou_threshold == cfg_global.detector.train_cfg.rpn_proposal.iou_threshold
 
 

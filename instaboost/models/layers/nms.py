@@ -18,12 +18,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from instaboost.models.layers.native_kernels import aot_op
+from instaboost.models.layers.native_kernels import SEPARATE_ROUNDING_FLAGS, aot_op
 from instaboost.structures.boxes import index_range
 
 NMS_IMPLS = ("mindspore", "kernel")
 # The IoU's union (a + b) - inter must be its own rounding, as in NMSWithMask, not an FMA.
-_KERNEL_FLAGS = ("-ffp-contract=off",)
+_KERNEL_FLAGS = SEPARATE_ROUNDING_FLAGS
 
 
 def sorted_nms_keep(nms_op, boxes: Tensor) -> Tensor:
