@@ -29,7 +29,7 @@ RCNN_SAMPLER_SEED_OFFSET = 1000
 # correct, fast backward on any device; MindSpore 2.10's CPU ROIAlign backward gives wrong
 # gradients. With conv_impl "winograd" the project's C++ CPU kernels are in use, and RoIAlign
 # runs on its C++ kernel too (same grid, 2-2.5x faster forward+backward, measured), the box
-# head's two shared FCs follow hardware.matmul_precision (layers/linear.py), the NMS of the
+# head's two shared FCs run on the C++ matmul kernel (layers/linear.py), the NMS of the
 # proposals and detections runs on its kernel (layers/nms.py), so do the max-IoU assignments
 # (models/assigner.py), and the train step checks its gradients with one kernel call
 # (engine/finite.py).

@@ -38,7 +38,7 @@ class Shared2FCBBoxHead(nn.Cell):
         reg_class_agnostic: one box per RoI instead of one per class.
         loss_cls_weight, loss_bbox_weight: loss multipliers.
         dense_impl: "mindspore" (``nn.Dense``) or "kernel" (``KernelDense``: the C++ matmul
-            kernel under bfloat16 precision; chosen with conv_impl "winograd") for the two
+            kernel, in hardware.matmul_precision; chosen with conv_impl "winograd") for the two
             shared FCs; same parameters either way.
     """
 
