@@ -153,7 +153,7 @@ def synthetic_batch(batch: int, size: int, num_gts: int, mask_size: int, objects
 
 def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool, lr: float = DEFAULT_LR):
     """(detector, train step) for one convolution implementation, SGD at learning rate ``lr``."""
-    from instaboost.builders import build_detector, uses_cpu_kernels
+    from instaboost.builders import build_detector, layer_impl_for, uses_cpu_kernels
     from instaboost.engine.finite import build_finite_check
     from instaboost.engine.optimizer import build_sgd
     from instaboost.engine.train_step import build_loss_scaler, make_train_step
@@ -162,7 +162,7 @@ def build(impl: str, detector_cfg, backbone_cfg, trim_empty_slots: bool, lr: flo
                               conv_impl=impl, seed=SEED, trim_empty_slots=trim_empty_slots)
     detector.set_train(True)
     optimizer = build_sgd(detector.trainable_params(), learning_rate=lr, momentum=MOMENTUM,
-                          weight_decay=WEIGHT_DECAY)
+                          weight_decay=WEIGHT_DECAY, impl=layer_impl_for(impl))
     step = make_train_step(detector.forward_train, optimizer, loss_names=detector.loss_names,
                            scaler=build_loss_scaler("none", 1.0),
                            finite_check=build_finite_check(uses_cpu_kernels(impl)))

@@ -12,7 +12,7 @@ import mindspore as ms
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from instaboost.builders import build_detector, uses_cpu_kernels
+from instaboost.builders import build_detector, layer_impl_for, uses_cpu_kernels
 from instaboost.config import GENERATED_DATASET
 from instaboost.config.validate import ConfigError
 from instaboost.data.coco import CocoSource
@@ -104,7 +104,8 @@ def train(cfg: DictConfig, *, tracker, output_dir: Path) -> Dict[str, float]:
                                            lr_steps=list(schedule.lr_steps), warmup_steps=schedule.warmup_steps,
                                            warmup_ratio=schedule.warmup_ratio)
     optimizer = build_sgd(network.trainable_params(), learning_rate=ms.Tensor(learning_rates),
-                          momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+                          momentum=schedule.momentum, weight_decay=schedule.weight_decay,
+                          impl=layer_impl_for(cfg.hardware.conv_impl))
     step_fn = make_train_step(network.forward_train, optimizer, loss_names=network.loss_names,
                               scaler=build_loss_scaler(schedule.loss_scale_type, schedule.loss_scale),
                               clip_norm=schedule.grad_clip or None,
