@@ -5,8 +5,9 @@ RoIs x 12,544 RoI features x 1024 outputs, 26 GFLOP forward and 79 with the back
 batch 2. `KernelDense` multiplies on the kernel in ``hardware.matmul_precision``. Measured on the
 2-core Xeon (AVX-512, AMX), float32: that layer forward + backward 0.31 s against 0.37 s with
 MindSpore's CPU MatMul (the forward 288 vs 245 GFLOP/s, the two gradient products 205-212 vs
-190-198), and the whole 512² train step 0.21 s faster (paired in-process, 8 pairs, faster in all
-8: MindSpore's MatMul also runs on its own thread pool beside the kernels' OpenMP threads). In
+190-198), and the whole 512² train step 0.21 and 0.14 s faster (two paired in-process runs of 8
+pairs, faster in all 8 each: MindSpore's MatMul also runs on its own thread pool beside the
+kernels' OpenMP threads). In
 bfloat16 0.25-0.27 s on the Zen 4. An older kernel (before its 14-row tile) was slower than
 MindSpore's MatMul in float32 on the Zen 4 (0.49-0.52 vs 0.44-0.46 s); the Zen 4 has not been
 measured with this one.
