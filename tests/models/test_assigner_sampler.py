@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import mindspore as ms
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from instaboost.models.assigner import MaxIoUAssigner, assign_gt_candidates_to_themselves
 from instaboost.models.sampler import RandomSampler
@@ -204,6 +204,25 @@ def test_kernel_assigner_equals_mindspore_assigner_bit_for_bit(rules):
     labels = want.gt_inds.asnumpy()
     assert (labels[:2] > 0).sum() > 20 and (labels == 0).any() and (labels == -1).any()
     assert (labels[2] <= 0).all()
+
+
+def test_kernel_assigner_reads_broadcast_anchors_as_the_rpn_passes_them():
+    """The RPN hands the assigner one anchor set broadcast over the batch (a view, not a copy):
+    the kernel must see every image's candidates, as the MindSpore implementation does."""
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 100, (500, 2))
+    anchors = Tensor(np.concatenate([xy, xy + rng.uniform(8, 60, (500, 2))], 1).astype(np.float32))
+    batch = 3
+    boxes = ops.broadcast_to(anchors.reshape(1, 500, 4), (batch, 500, 4))
+    gt_xy = rng.uniform(0, 100, (batch, 5, 2))
+    gts = Tensor(np.concatenate([gt_xy, gt_xy + rng.uniform(10, 50, (batch, 5, 2))], 2).astype(np.float32))
+    valid = Tensor(np.ones((batch, 500), bool))
+    gt_valid, gt_crowd = Tensor(np.ones((batch, 5), bool)), Tensor(np.zeros((batch, 5), bool))
+    want = MaxIoUAssigner(**RPN_RULES, impl="mindspore").assign(boxes, valid, gts, gt_valid, gt_crowd)
+    got = MaxIoUAssigner(**RPN_RULES, impl="kernel").assign(boxes, valid, gts, gt_valid, gt_crowd)
+    np.testing.assert_array_equal(got.gt_inds.asnumpy(), want.gt_inds.asnumpy())
+    np.testing.assert_array_equal(got.max_iou.asnumpy(), want.max_iou.asnumpy())
+    assert all((want.gt_inds.asnumpy()[b] > 0).any() for b in range(batch))
 
 
 def test_assigner_rejects_an_unknown_impl():
