@@ -27,13 +27,18 @@ from instaboost.models.layers.native_kernels import SEPARATE_ROUNDING_FLAGS, aot
 OPTIMIZER_IMPLS = ("mindspore", "kernel")
 
 
+def _decayed_group(params: Iterable[Parameter], weight_decay: float) -> list:
+    """One parameter group carrying the weight decay: MindSpore then decays all of them."""
+    return [{"params": list(params), "weight_decay": weight_decay}]
+
+
 class KernelMomentum(nn.Momentum):
     """``nn.Momentum`` over one parameter group with one weight decay, updated by the C++ kernel
     (see the module docstring). Call it as ``nn.Momentum``: ``optimizer(gradients)``."""
 
     def __init__(self, params, *, learning_rate, momentum: float, weight_decay: float):
-        super().__init__([{"params": list(params), "weight_decay": weight_decay}],
-                         learning_rate=learning_rate, momentum=momentum)
+        super().__init__(_decayed_group(params, weight_decay), learning_rate=learning_rate,
+                         momentum=momentum)
         self._weight_decay = Tensor(weight_decay, ms.float32)
         self._update = aot_op("sgd_momentum", "SgdMomentumUpdate",
                               out_shape=lambda *shapes: (), out_dtype=lambda *dtypes: ms.bool_,
@@ -58,5 +63,5 @@ def build_sgd(params: Iterable[Parameter], *, learning_rate: Union[float, np.nda
     if impl == "kernel":
         return KernelMomentum(params, learning_rate=learning_rate, momentum=momentum,
                               weight_decay=weight_decay)
-    return nn.Momentum([{"params": list(params), "weight_decay": weight_decay}],
-                       learning_rate=learning_rate, momentum=momentum)
+    return nn.Momentum(_decayed_group(params, weight_decay), learning_rate=learning_rate,
+                       momentum=momentum)

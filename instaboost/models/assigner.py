@@ -142,10 +142,8 @@ class MaxIoUAssigner(nn.Cell):
                                 ops.full((batch, num_boxes), -1, dtype=ms.int32))
             return AssignResult(gt_inds, ops.zeros((batch, num_boxes), ms.float32))
         if self.impl == "kernel":
-            gt_inds, max_iou = self._op(boxes.astype(ms.float32), candidate_valid.astype(ms.bool_),
-                                        gt_boxes.astype(ms.float32), gt_valid.astype(ms.bool_),
-                                        gt_crowd.astype(ms.bool_), self._rules)
-            return AssignResult(gt_inds, max_iou)
+            return AssignResult(*self._op(boxes, candidate_valid, gt_boxes, gt_valid, gt_crowd,
+                                          self._rules))
         target = ops.logical_and(gt_valid, ops.logical_not(gt_crowd))  # (B, G)
         crowd = ops.logical_and(gt_valid, gt_crowd)
         iou, iof = pairwise_iou_iof(boxes, gt_boxes)  # (B, N, G) each

@@ -16,43 +16,32 @@
 
 #include "aot_entry.h"
 #include "shapes.h"
+#include "tensor_chunks.h"
 
 namespace {
 
-// Elements per task: tensors are cut into chunks so that one large tensor (the box head's
-// 12.8 M-weight FC) does not leave a single thread with most of the work.
-constexpr int64_t kChunk = 1 << 16;
+constexpr int64_t kChunk = 1 << 16;  // values per unit of work (tensor_chunks.h)
 
 int AllFiniteImpl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   const int inputs = nparam - 1;
   if (inputs < 1 || std::strcmp(dtypes[inputs], "bool") != 0) return 1;
   std::vector<int64_t> counts(inputs);
-  int64_t chunks = 0;
   for (int i = 0; i < inputs; ++i) {
     if (std::strcmp(dtypes[i], "float32") != 0) return 1;
     counts[i] = tensor_shape::Product(shapes[i], 0, ndims[i]);
-    chunks += (counts[i] + kChunk - 1) / kChunk;
   }
-  // Chunk c of the concatenation: tensor `owner[c]`, elements from `start[c]`.
-  std::vector<int> owner(chunks);
-  std::vector<int64_t> start(chunks);
-  for (int i = 0, c = 0; i < inputs; ++i) {
-    for (int64_t s = 0; s < counts[i]; s += kChunk, ++c) {
-      owner[c] = i;
-      start[c] = s;
-    }
-  }
+  const std::vector<tensor_chunks::Chunk> chunks = tensor_chunks::Split(counts, kChunk);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const float largest = std::numeric_limits<float>::max();
   unsigned bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int i = owner[c];
-    const float *values = static_cast<const float *>(params[i]) + start[c];
-    const int64_t count = std::min(kChunk, counts[i] - start[c]);
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const tensor_chunks::Chunk &chunk = chunks[c];
+    const float *values = static_cast<const float *>(params[chunk.tensor]) + chunk.start;
     unsigned chunk_bad = 0;
     // |x| <= FLT_MAX is false for inf and for NaN (every comparison with NaN is false).
 #pragma omp simd reduction(| : chunk_bad)
-    for (int64_t e = 0; e < count; ++e) chunk_bad |= !(std::fabs(values[e]) <= largest);
+    for (int64_t e = 0; e < chunk.count; ++e) chunk_bad |= !(std::fabs(values[e]) <= largest);
     bad |= chunk_bad;
   }
   static_cast<bool *>(params[inputs])[0] = !bad;

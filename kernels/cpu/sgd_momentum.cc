@@ -17,25 +17,18 @@
 //   SgdMomentumUpdate (lr (), momentum (), weight_decay (), p_0..p_{n-1}, m_0..m_{n-1},
 //                      g_0..g_{n-1}, all float32; m_i and g_i of p_i's shape) -> done () bool
 // Returns non-zero for another dtype or mismatched shapes, before anything is written.
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "aot_entry.h"
 #include "shapes.h"
+#include "tensor_chunks.h"
 
 namespace {
 
 constexpr int kScalars = 3;                 // lr, momentum, weight_decay
 constexpr int64_t kChunkValues = 1 << 15;   // values per unit of work (128 KB per operand)
-
-struct Chunk {
-  float *param;
-  float *moment;
-  const float *grad;
-  int64_t count;
-};
 
 int SgdMomentumUpdateImpl(int nparam, void **params, int *ndims, int64_t **shapes,
                           const char **dtypes) {
@@ -45,7 +38,7 @@ int SgdMomentumUpdateImpl(int nparam, void **params, int *ndims, int64_t **shape
     if (ndims[i] != 0 || std::strcmp(dtypes[i], "float32") != 0) return 1;
   }
   if (std::strcmp(dtypes[nparam - 1], "bool") != 0) return 1;
-  std::vector<Chunk> chunks;
+  std::vector<int64_t> counts(n);
   for (int i = 0; i < n; ++i) {
     const int p = kScalars + i, m = p + n, g = p + 2 * n;
     for (int t : {p, m, g}) {
@@ -53,28 +46,26 @@ int SgdMomentumUpdateImpl(int nparam, void **params, int *ndims, int64_t **shape
         return 1;
       }
     }
-    const int64_t count = tensor_shape::Product(shapes[p], 0, ndims[p]);
-    float *param = static_cast<float *>(params[p]);
-    float *moment = static_cast<float *>(params[m]);
-    const float *grad = static_cast<const float *>(params[g]);
-    for (int64_t offset = 0; offset < count; offset += kChunkValues) {
-      chunks.push_back({param + offset, moment + offset, grad + offset,
-                        std::min(kChunkValues, count - offset)});
-    }
+    counts[i] = tensor_shape::Product(shapes[p], 0, ndims[p]);
   }
+  const std::vector<tensor_chunks::Chunk> chunks = tensor_chunks::Split(counts, kChunkValues);
   const float lr = *static_cast<const float *>(params[0]);
   const float momentum = *static_cast<const float *>(params[1]);
   const float weight_decay = *static_cast<const float *>(params[2]);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t c = 0; c < num_chunks; ++c) {
-    const Chunk &chunk = chunks[c];
+    const tensor_chunks::Chunk &chunk = chunks[c];
+    float *param = static_cast<float *>(params[kScalars + chunk.tensor]) + chunk.start;
+    float *moment = static_cast<float *>(params[kScalars + n + chunk.tensor]) + chunk.start;
+    const float *grad =
+        static_cast<const float *>(params[kScalars + 2 * n + chunk.tensor]) + chunk.start;
 #pragma omp simd
     for (int64_t k = 0; k < chunk.count; ++k) {
-      const float decayed = chunk.param[k] * weight_decay + chunk.grad[k];
-      const float moment = chunk.moment[k] * momentum + decayed;
-      chunk.moment[k] = moment;
-      chunk.param[k] = chunk.param[k] - lr * moment;
+      const float decayed = param[k] * weight_decay + grad[k];
+      const float accum = moment[k] * momentum + decayed;
+      moment[k] = accum;
+      param[k] = param[k] - lr * accum;
     }
   }
   *static_cast<bool *>(params[nparam - 1]) = true;

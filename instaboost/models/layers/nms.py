@@ -22,8 +22,6 @@ from instaboost.models.layers.native_kernels import SEPARATE_ROUNDING_FLAGS, aot
 from instaboost.structures.boxes import index_range
 
 NMS_IMPLS = ("mindspore", "kernel")
-# The IoU's union (a + b) - inter must be its own rounding, as in NMSWithMask, not an FMA.
-_KERNEL_FLAGS = SEPARATE_ROUNDING_FLAGS
 
 
 def sorted_nms_keep(nms_op, boxes: Tensor) -> Tensor:
@@ -45,8 +43,9 @@ def sorted_nms_keep(nms_op, boxes: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_op() -> ops.Custom:
+    # The IoU's union (a + b) - inter is rounded on its own, as in NMSWithMask, never an FMA.
     return aot_op("nms", "SortedNms", out_shape=lambda boxes, threshold: tuple(boxes[:2]),
-                  out_dtype=lambda boxes, threshold: ms.bool_, extra_flags=_KERNEL_FLAGS)
+                  out_dtype=lambda boxes, threshold: ms.bool_, extra_flags=SEPARATE_ROUNDING_FLAGS)
 
 
 class SortedNms(nn.Cell):
